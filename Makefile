@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:  make demo   and   make test
+# Both create (once) and reuse a virtual environment in .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install bench clean-venv
+
+$(STAMP): pyproject.toml setup.py $(wildcard gridinr_nerfstudio/csrc/*.cpp)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m gridinr_nerfstudio.demo --output-dir demo_output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/gridinr-bench all
+
+clean-venv:
+	rm -rf $(VENV)

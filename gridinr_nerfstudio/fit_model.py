@@ -1,0 +1,98 @@
+"""Stage 1 model `gridinr-fit`: a hash-grid INR regressed onto voxel values.
+
+Training batches are points with target values (see volume_datamanager); camera rays render the field
+through the default transfer function so the viewer shows the volume while it trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Type
+
+import numpy as np
+import torch
+
+from gridinr_nerfstudio.camera_render import SampleFn
+from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+from gridinr_nerfstudio.volume_render_model import VolumeRenderModel, VolumeRenderModelConfig
+
+
+@dataclass
+class GridINRFitModelConfig(VolumeRenderModelConfig):
+    """Hash-grid INR fitted to voxel values."""
+
+    _target: Type = field(default_factory=lambda: GridINRFitModel)
+    field: VolumeFieldSettings = field(default_factory=VolumeFieldSettings)
+    """Encoding and MLP sizes."""
+    loss: Literal["l2", "l1"] = "l2"
+    """Loss on normalised values."""
+    volume_psnr_chunk: int = 1 << 18
+    """Voxels evaluated at once when computing the volume PSNR."""
+
+
+class GridINRFitModel(VolumeRenderModel):
+    """Stage 1: fit the field; render it with the default transfer function."""
+
+    config: GridINRFitModelConfig
+
+    def populate_modules(self):
+        super().populate_modules()
+        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
+
+    def sample_fn(self) -> SampleFn:
+        transfer_function = self.transfer_function()
+
+        def sample(points: torch.Tensor):
+            return transfer_function(self.field(points).clamp(0.0, 1.0))
+
+        return sample
+
+    def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
+        return {"encoding": list(self.field.encoding.parameters()), "mlp": list(self.field.mlp.parameters())}
+
+    def point_loss(self, points: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Loss of the field at world points against target values (points are inside the box)."""
+        predicted = self.field.forward_unit(self.field.to_unit_cube(points))
+        error = predicted - targets
+        loss = error.abs().mean() if self.config.loss == "l1" else error.square().mean()
+        return {"value_loss": loss}
+
+    @torch.no_grad()
+    def volume_psnr(self) -> float:
+        """PSNR (dB, normalised units, data range 1) of the field at every voxel centre, in z-slab chunks."""
+        volume = self.volume
+        size_x, size_y, size_z = volume.info.dims
+        device = self.aabb.device
+        slab = max(1, self.config.volume_psnr_chunk // (size_x * size_y))
+        axes = [torch.linspace(0.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (size_x, size_y)]
+        grid_y, grid_x = torch.meshgrid(axes[1], axes[0], indexing="ij")
+        squared_error, count = 0.0, 0
+        for z0 in range(0, size_z, slab):
+            z1 = min(size_z, z0 + slab)
+            target = torch.from_numpy(volume.normalized_slab(z0, z1)).to(device).float()
+            unit_z = torch.arange(z0, z1, device=device, dtype=torch.float32) / max(size_z - 1, 1)
+            unit = torch.stack(
+                [
+                    grid_x.expand(z1 - z0, -1, -1),
+                    grid_y.expand(z1 - z0, -1, -1),
+                    unit_z[:, None, None].expand(-1, size_y, size_x),
+                ],
+                dim=-1,
+            ).reshape(-1, 3)
+            predicted = self.field.forward_unit(unit).reshape(target.shape)
+            squared_error += float((predicted.clamp(0, 1) - target).double().square().sum())
+            count += target.numel()
+        mse = squared_error / count
+        return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+    def count_parameters(self) -> int:
+        return int(sum(p.numel() for p in self.field.parameters()))
+
+    def model_bytes(self) -> int:
+        return int(sum(p.numel() * p.element_size() for p in self.field.parameters()))
+
+    def compression_ratio(self) -> float:
+        """Volume bytes (in its own dtype) over model bytes."""
+        volume_bytes = int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
+        return volume_bytes / self.model_bytes()

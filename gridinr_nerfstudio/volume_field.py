@@ -1,0 +1,74 @@
+"""The grid INR: a multi-resolution hash encoding plus a small MLP, xyz -> normalised voxel value.
+
+Points are world coordinates; the field maps them into the unit cube of the scene box (DESIGN.md) and
+returns 0 outside the box, the value of empty space after normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from nerfstudio.field_components.mlp import MLP
+from torch import nn
+
+from gridinr_nerfstudio.hash_encoding import HashGridEncoding
+
+
+@dataclass
+class VolumeFieldSettings:
+    """Encoding and MLP sizes (instant-ngp defaults)."""
+
+    num_levels: int = 16
+    features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 256
+    """Finest grid resolution; about 2x the largest volume dimension resolves single voxels."""
+    hidden_dim: int = 64
+    num_hidden_layers: int = 2
+    backend: str = "auto"
+    """Hash-grid backend: auto (tiny-cuda-nn on CUDA when installed, else our C++ kernels, else torch), tcnn, cpp, torch."""
+
+
+class VolumeField(nn.Module):
+    """Hash-grid INR of one scalar volume."""
+
+    def __init__(self, aabb: torch.Tensor, settings: VolumeFieldSettings):
+        super().__init__()
+        self.register_buffer("aabb", aabb.clone().float())
+        self.settings = settings
+        self.encoding = HashGridEncoding(
+            num_levels=settings.num_levels,
+            features_per_level=settings.features_per_level,
+            log2_hashmap_size=settings.log2_hashmap_size,
+            base_resolution=settings.base_resolution,
+            max_resolution=settings.max_resolution,
+            backend=settings.backend,
+        )
+        self.mlp = MLP(
+            in_dim=settings.num_levels * settings.features_per_level,
+            num_layers=settings.num_hidden_layers + 1,
+            layer_width=settings.hidden_dim,
+            out_dim=1,
+            activation=nn.ReLU(),
+            out_activation=None,
+            implementation="torch",
+        )
+
+    def to_unit_cube(self, points: torch.Tensor) -> torch.Tensor:
+        """World points -> [0, 1]^3 of the scene box."""
+        return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+
+    def forward_unit(self, unit_points: torch.Tensor) -> torch.Tensor:
+        """Values (N,) at points already in the unit cube (no masking): the training path."""
+        return self.mlp(self.encoding(unit_points)).squeeze(-1)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Normalised values (N,) at world points (N, 3); 0 outside the scene box."""
+        unit = self.to_unit_cube(points)
+        inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+        values = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
+        if inside.any():
+            values = values.masked_scatter(inside, self.forward_unit(unit[inside]).to(points.dtype))
+        return values
