@@ -9,11 +9,13 @@ from __future__ import annotations
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from gridinr_nerfstudio.edit_pipeline import GridINREditPipelineConfig
 from gridinr_nerfstudio.fit_pipeline import GridINRFitPipelineConfig
 from gridinr_nerfstudio.trainer_config import FusedAdamOptimizerConfig, GridINRTrainerConfig
 from gridinr_nerfstudio.volume_datamanager import VolumeDataManagerConfig
 
 FIT_ITERATIONS = 3000
+EDIT_ITERATIONS = 1000
 
 
 def fit_trainer_config() -> GridINRTrainerConfig:
@@ -48,4 +50,32 @@ def fit_trainer_config() -> GridINRTrainerConfig:
 gridinr_fit = MethodSpecification(
     config=fit_trainer_config(),
     description="Stage 1: fit a multi-resolution hash-grid INR (xyz -> value) to a scientific volume.",
+)
+
+
+def edit_trainer_config() -> GridINRTrainerConfig:
+    """Stage 2 defaults of the original design: lr 5e-4, 1000 iterations, renders every 20 steps."""
+    return GridINRTrainerConfig(
+        method_name="gridinr-edit",
+        max_num_iterations=EDIT_ITERATIONS,
+        steps_per_eval_batch=EDIT_ITERATIONS + 1,
+        steps_per_eval_image=200,
+        steps_per_eval_all_images=EDIT_ITERATIONS,
+        steps_per_save=200,
+        save_only_latest_checkpoint=True,
+        mixed_precision=False,
+        pipeline=GridINREditPipelineConfig(),
+        optimizers={
+            "transfer_mlp": {
+                "optimizer": FusedAdamOptimizerConfig(lr=5e-4, eps=1e-15),
+                "scheduler": None,
+            },
+        },
+        vis="viewer",
+    )
+
+
+gridinr_edit = MethodSpecification(
+    config=edit_trainer_config(),
+    description="Stage 2: edit a fitted volume's look (transfer MLP) with CLIP and pixel losses through DVR.",
 )

@@ -1,0 +1,166 @@
+"""Stage 2 model `gridinr-edit`: a frozen stage-1 field and a learnable transfer MLP, trained through DVR.
+
+The field is frozen (no gradients, eval mode) and, by default, decoded once onto a grid (the field cache)
+so a sample costs one trilinear lookup. Only the transfer MLP trains: CLIP cosine to a text or image
+target plus `lam_pix` x MSE against the reference renderings of the raw volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Type
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from nerfstudio.cameras.cameras import Cameras
+
+from gridinr_nerfstudio.camera_render import SampleFn, camera_rays, render_image
+from gridinr_nerfstudio.rendering import DenseGridField
+from gridinr_nerfstudio.transfer_mlp import TransferMLP, fit_to_transfer_function
+from gridinr_nerfstudio.volume_dataparser import voxel_size_world
+from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+from gridinr_nerfstudio.volume_render_model import VolumeRenderModel, VolumeRenderModelConfig
+
+CONSOLE = Console(width=120)
+
+
+@dataclass
+class GridINREditModelConfig(VolumeRenderModelConfig):
+    """Learnable transfer function over a frozen hash-grid INR."""
+
+    _target: Type = field(default_factory=lambda: GridINREditModel)
+    field: VolumeFieldSettings = field(default_factory=VolumeFieldSettings)
+    """Field sizes (copied from the stage-1 config by the pipeline)."""
+    stage1_checkpoint: Optional[Path] = None
+    """Stage-1 checkpoint whose field is frozen (found from --pipeline.stage1-config by the pipeline)."""
+    field_cache_resolution: int = 0
+    """Decode the frozen field onto a grid of this many voxels along the longest axis (0: the volume's own
+    resolution, capped at 256; -1: no cache, every sample evaluates the hash grid)."""
+    hidden_dim: int = 128
+    """Width of the transfer MLP."""
+    num_layers: int = 3
+    """Hidden layers of the transfer MLP."""
+    warm_start: bool = True
+    """Start the transfer MLP from the baseline transfer function (so step 0 already matches the references)."""
+    prompt: Optional[str] = "a glowing orange molecule"
+    """CLIP text target (ignored when target_image is given)."""
+    target_image: Optional[Path] = None
+    """CLIP image target."""
+    lam_clip: float = 1.0
+    """Weight of the CLIP term (0: pixel loss only, no CLIP weights needed)."""
+    lam_pix: float = 0.1
+    """Weight of the pixel MSE against the reference renderings."""
+    directional: bool = False
+    """Directional CLIP loss relative to the reference rendering (StyleGAN-NADA) instead of the global cosine."""
+    source_prompt: Optional[str] = None
+    """Description of the unedited volume for the directional loss (default: the reference render's embedding)."""
+    clip_model: str = "ViT-B-16"
+    """open_clip model name."""
+    clip_pretrained: str = "laion2b_s34b_b88k"
+    """open_clip pretrained tag (resolved in the local cache, never downloaded)."""
+    clip_weights: Optional[Path] = None
+    """Local open_clip weights file (overrides clip_pretrained)."""
+    clip_crops: int = 4
+    """Random resized crops per rendered view fed to CLIP."""
+    second_clip_model: Optional[str] = None
+    """A second CLIP model (name) for evaluation only, e.g. ViT-B-32; used when its weights are available."""
+    second_clip_pretrained: str = "laion2b_s34b_b79k"
+    """Pretrained tag or local file of the second CLIP model."""
+
+
+class GridINREditModel(VolumeRenderModel):
+    """Stage 2: transfer MLP trained through the differentiable renderer."""
+
+    config: GridINREditModelConfig
+
+    def populate_modules(self):
+        super().populate_modules()
+        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
+        if self.config.stage1_checkpoint is not None:
+            self.field.load_state_dict(load_stage1_field_state(self.config.stage1_checkpoint))
+        self.field.requires_grad_(False).eval()
+        baseline = self.render_settings.transfer_function(voxel_size_world(self.volume))
+        max_sigma = float(baseline(torch.linspace(0, 1, 1024))[1].max().clamp(min=1.0))
+        self.transfer_mlp = TransferMLP(self.config.hidden_dim, self.config.num_layers, sigma_scale=max_sigma)
+        if self.config.warm_start:
+            error = fit_to_transfer_function(self.transfer_mlp, baseline)
+            CONSOLE.print(f"Transfer MLP warm-started from the baseline transfer function (error {error:.2e})")
+        # Plain attributes, not submodules: neither the decoded cache nor CLIP belongs in checkpoints.
+        self.__dict__["field_cache"] = None
+        self.__dict__["clip_loss"] = None  # set by the pipeline when lam_clip > 0 (needs CLIP weights)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.field.eval()  # frozen: stays in eval mode while the transfer MLP trains
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.__dict__["field_cache"] = None  # decoded again from the loaded field
+        return result
+
+    @torch.no_grad()
+    def frozen_values(self) -> torch.nn.Module:
+        """World points -> field values: the field cache (decoded once) or the frozen field itself."""
+        if self.config.field_cache_resolution < 0:
+            return self.field
+        if self.field_cache is None:
+            self.__dict__["field_cache"] = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution)
+        return self.field_cache
+
+    def sample_fn(self) -> SampleFn:
+        values_at = self.frozen_values()
+        table = self.transfer_mlp.table()  # one MLP pass per call; samples interpolate the table
+
+        def sample(points: torch.Tensor):
+            with torch.no_grad():
+                values = values_at(points).clamp(0.0, 1.0)
+            return self.transfer_mlp.lookup(table, values)
+
+        return sample
+
+    def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
+        return {"transfer_mlp": list(self.transfer_mlp.parameters())}
+
+    def render_views(self, cameras: Cameras) -> torch.Tensor:
+        """Differentiable whole-image renderings (K, H, W, 3) of `cameras`, jittered while training."""
+        images = []
+        for index in range(len(cameras)):
+            origins, directions = camera_rays(cameras, index, self.aabb.device)
+            out = render_image(
+                origins, directions, self.sample_fn(), self.aabb, chunk_rays=self.config.render_chunk_rays,
+                stratified=self.training, **self.render_kwargs(),
+            )
+            images.append(out["rgb"])
+        return torch.stack(images)
+
+
+def load_stage1_field_state(checkpoint: Path) -> Dict[str, torch.Tensor]:
+    """The field's weights from a stage-1 nerfstudio checkpoint (loaded with weights_only=True)."""
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"{checkpoint}: stage-1 checkpoint not found")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    prefix = "_model.field."
+    field_state = {key[len(prefix):]: value for key, value in state["pipeline"].items() if key.startswith(prefix)}
+    if not field_state:
+        raise ValueError(f"{checkpoint}: no '{prefix}*' weights: not a gridinr-fit checkpoint")
+    return field_state
+
+
+@torch.no_grad()
+def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int = 1 << 18) -> DenseGridField:
+    """Evaluate the field on a grid (keeping the volume's aspect ratio) and serve it by trilinear lookup."""
+    dims = np.asarray(dims, dtype=np.float64)
+    longest = dims.max()
+    target = min(longest, 256) if resolution == 0 else resolution
+    grid_dims = np.maximum(2, np.round(dims * target / longest)).astype(int)  # (X, Y, Z)
+    device = field.aabb.device
+    axes = [torch.linspace(0.0, 1.0, int(n), device=device) for n in grid_dims]
+    zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    unit = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+    values = torch.cat([field.forward_unit(unit[i : i + chunk]) for i in range(0, unit.shape[0], chunk)])
+    grid = values.reshape(int(grid_dims[2]), int(grid_dims[1]), int(grid_dims[0])).clamp(0.0, 1.0)
+    return DenseGridField(grid, field.aabb[1].clone())
