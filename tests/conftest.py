@@ -1,0 +1,80 @@
+"""Shared fixtures: the project's real data sets (skipped when absent) and small hand-written datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Callable[[str], Path]:
+    """shared_data("c60") -> ../shared/data/c60, or skip the test when that data set is not there."""
+
+    def locate(name: str) -> Path:
+        path = SHARED_DATA / name
+        if not (path / "dataset.json").is_file():
+            pytest.skip(f"shared data set {name!r} not found at {path} (see ../shared/data/README.md)")
+        return path
+
+    return locate
+
+
+@pytest.fixture
+def write_raw_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Write a dataset folder by hand (json.dump + ndarray.tofile), independently of volume_io's writer.
+
+    write_raw_dataset({"var": [step1_zyx, step2_zyx]}, name="tiny", spacing=None, with_dtype=True, suffix=".raw")
+    returns the folder tmp_path / name.
+    """
+
+    def write(
+        variables: dict[str, list[np.ndarray]],
+        name: str = "tiny",
+        spacing: list[float] | None = None,
+        with_dtype: bool = True,
+        suffix: str = ".raw",
+    ) -> Path:
+        root = tmp_path / name
+        first = next(iter(variables.values()))[0]
+        z, y, x = first.shape
+        meta: dict = {"name": name, "dims": [x, y, z], "vars": list(variables),
+                      "total_samples": len(next(iter(variables.values())))}
+        if with_dtype:
+            meta["dtype"] = first.dtype.name
+        if spacing is not None:
+            meta["spacing"] = spacing
+        for var, steps in variables.items():
+            (root / var).mkdir(parents=True, exist_ok=True)
+            for step, array in enumerate(steps, start=1):
+                array.astype(array.dtype.newbyteorder("<")).tofile(root / var / f"{name}-{var}-{step}{suffix}")
+        (root / "dataset.json").write_text(json.dumps(meta))
+        return root
+
+    return write
+
+
+def _coded_array(shape_zyx: tuple[int, int, int], step: int = 1, dtype: str = "float32") -> np.ndarray:
+    """Values that name their voxel: x + 10 y + 100 z + 1000 (step - 1), so orientation mistakes show."""
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape_zyx), indexing="ij")
+    return (x + 10 * y + 100 * z + 1000 * (step - 1)).astype(dtype)
+
+
+@pytest.fixture
+def tiny_dataset(write_raw_dataset: Callable[..., Path]) -> Path:
+    """A 7x5x4 (X x Y x Z) float32 dataset "tiny", spacing (1, 2, 0.5), two time steps of two variables:
+    "coded" holds x + 10 y + 100 z + 1000 (t - 1) at voxel (x, y, z), "noise" uniform random values in [-5, 5)."""
+    shape = (4, 5, 7)
+    rng = np.random.default_rng(0)
+    return write_raw_dataset(
+        {
+            "coded": [_coded_array(shape, 1), _coded_array(shape, 2)],
+            "noise": [rng.uniform(-5, 5, shape).astype(np.float32) for _ in range(2)],
+        },
+        spacing=[1.0, 2.0, 0.5],
+    )
