@@ -30,6 +30,12 @@ class VolumePipeline(VanillaPipeline):
     """Evaluation common to both stages: nerfstudio's image metrics plus ms/frame, rays/s and a CSV row."""
 
     config: VolumePipelineConfig
+    loaded_step: Optional[int] = None
+
+    def load_pipeline(self, loaded_state, step: int) -> None:
+        """Remember the checkpoint's step so ns-eval's CSV row says which step it measured."""
+        super().load_pipeline(loaded_state, step)
+        self.loaded_step = step
 
     def extra_eval_metrics(self) -> dict:
         """Stage-specific metrics added to every full evaluation."""
@@ -54,8 +60,8 @@ class VolumePipeline(VanillaPipeline):
                 Path(self.config.run_dir) / "metrics.csv",
                 run=Path(self.config.run_dir).name,
                 stage=self.config.stage,
-                step=step if step is not None else -1,
-                metrics=metrics,
+                step=step if step is not None else (self.loaded_step if self.loaded_step is not None else -1),
+                metrics={key: value for key, value in metrics.items() if not isinstance(value, str)},  # reasons stay in JSON
             )
         return metrics
 

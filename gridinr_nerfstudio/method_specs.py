@@ -6,12 +6,16 @@ ns-train for every method: keep this module to configuration only (tests import 
 
 from __future__ import annotations
 
-from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from gridinr_nerfstudio.edit_pipeline import GridINREditPipelineConfig
 from gridinr_nerfstudio.fit_pipeline import GridINRFitPipelineConfig
-from gridinr_nerfstudio.trainer_config import FusedAdamOptimizerConfig, GridINRTrainerConfig
+from gridinr_nerfstudio.trainer_config import (
+    FusedAdamOptimizerConfig,
+    GridINRTrainerConfig,
+    LogLinearDecaySchedulerConfig,
+    default_machine,
+)
 from gridinr_nerfstudio.volume_datamanager import VolumeDataManagerConfig
 
 FIT_ITERATIONS = 3000
@@ -20,7 +24,7 @@ EDIT_ITERATIONS = 1000
 
 def fit_trainer_config() -> GridINRTrainerConfig:
     """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks")."""
-    schedule = ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=FIT_ITERATIONS)
+    schedule = LogLinearDecaySchedulerConfig(lr_final=1e-4, max_steps=FIT_ITERATIONS)
     return GridINRTrainerConfig(
         method_name="gridinr-fit",
         max_num_iterations=FIT_ITERATIONS,
@@ -30,6 +34,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
         steps_per_save=1000,
         save_only_latest_checkpoint=True,
         mixed_precision=False,
+        machine=default_machine(),
         pipeline=GridINRFitPipelineConfig(
             datamanager=VolumeDataManagerConfig(max_iterations=FIT_ITERATIONS),
         ),
@@ -64,6 +69,7 @@ def edit_trainer_config() -> GridINRTrainerConfig:
         steps_per_save=200,
         save_only_latest_checkpoint=True,
         mixed_precision=False,
+        machine=default_machine(),
         pipeline=GridINREditPipelineConfig(),
         optimizers={
             "transfer_mlp": {

@@ -39,7 +39,7 @@ class VolumeDataManagerConfig(VanillaDataManagerConfig):
     subsample_fraction: float = 0.1
     """Fraction of `max_iterations` spent on the strided sub-grid before full-resolution sampling."""
     max_iterations: int = 3000
-    """Total training iterations (set by the method config; used for the coarse phase length)."""
+    """Total training iterations (ns-train sets it to --max-num-iterations; used for the coarse phase length)."""
     preload_max_bytes: int = 2 << 30
     """Volumes whose float32 copy is at most this size are held in memory; larger ones stay memory-mapped."""
     seed: int = 0
