@@ -21,7 +21,17 @@ if os.path.exists(_src) and os.environ.get("GRIDINR_NO_EXT", "0") != "1":
             CppExtension(
                 name="gridinr_nerfstudio._hash_grid_cpp",
                 sources=[_src],
-                extra_compile_args=["-O3", "-march=x86-64-v2", *openmp] if os.uname().machine == "x86_64" else ["-O3", *openmp],
+                # -fno-trapping-math / -fno-math-errno let GCC vectorise the float->int cell index loop and the
+                # sqrt of the Adam step; -ffp-contract=off keeps x * scale + shift rounded like the pure-PyTorch
+                # fallback (no FMA contraction).
+                extra_compile_args=[
+                    "-O3",
+                    *(["-march=x86-64-v2"] if os.uname().machine == "x86_64" else []),
+                    "-fno-trapping-math",
+                    "-fno-math-errno",
+                    "-ffp-contract=off",
+                    *openmp,
+                ],
                 extra_link_args=openmp,
             )
         )

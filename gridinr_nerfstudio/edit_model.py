@@ -17,7 +17,7 @@ from rich.console import Console
 
 from nerfstudio.cameras.cameras import Cameras
 
-from gridinr_nerfstudio.camera_render import SampleFn, camera_rays, render_image
+from gridinr_nerfstudio.camera_render import camera_rays, render_image
 from gridinr_nerfstudio.rendering import DenseGridField
 from gridinr_nerfstudio.transfer_mlp import TransferMLP, fit_to_transfer_function
 from gridinr_nerfstudio.volume_dataparser import voxel_size_world
@@ -111,16 +111,25 @@ class GridINREditModel(VolumeRenderModel):
             self.__dict__["field_cache"] = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution)
         return self.field_cache
 
-    def sample_fn(self) -> SampleFn:
+    def value_fn(self):
         values_at = self.frozen_values()
-        table = self.transfer_mlp.table()  # one MLP pass per call; samples interpolate the table
 
-        def sample(points: torch.Tensor):
+        def values(points: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                values = values_at(points).clamp(0.0, 1.0)
-            return self.transfer_mlp.lookup(table, values)
+                return values_at(points).clamp(0.0, 1.0)
 
-        return sample
+        return values
+
+    def color_fn(self):
+        """The transfer MLP as a table: one MLP pass per render, samples interpolate the table."""
+        return self.transfer_mlp.tabulated(invisible_sigma=1e-3 / voxel_size_world(self.volume))
+
+    def occupancy_source(self) -> torch.Tensor:
+        """The decoded field cache (what is rendered), or the raw voxels when the cache is off."""
+        cache = self.frozen_values()
+        if isinstance(cache, DenseGridField):
+            return cache.volume
+        return torch.from_numpy(self.volume.normalized_array())
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         return {"transfer_mlp": list(self.transfer_mlp.parameters())}

@@ -134,19 +134,33 @@ class GridINREditPipeline(VolumePipeline):
 
     @torch.no_grad()
     def extra_eval_metrics(self) -> dict:
-        """CLIP cosine of the eval views to the target (and under a second CLIP model when available)."""
+        """CLIP cosine of the eval views to the target (also under a second CLIP model when available);
+        saves reference/edit pairs of the first eval views for `gridinr-report`."""
         metrics: dict = {}
         scorers: List[Tuple[str, Optional[LoadedClip]]] = [("clip_cosine", self.clip)]
         if self.model.config.second_clip_model is not None:
             scorers.append((f"clip_cosine_{self.model.config.second_clip_model}", self.second_clip))
-        images = self.render_eval_views() if any(clip is not None for _, clip in scorers) else None
+        need_all = any(clip is not None for _, clip in scorers)
+        images = self.render_eval_views(None if need_all else 4)
+        self.save_before_after(images[:4])
         for name, clip in scorers:
-            if clip is None or images is None:
+            if clip is None:
                 metrics[name] = None
                 metrics[f"{name}_unavailable"] = self.clip_unavailable_reason or "CLIP weights not available"
             else:
                 metrics[name] = float(clip_cosine(clip, images, self.clip_target(clip)).mean())
         return metrics
+
+    def save_before_after(self, edits: torch.Tensor) -> None:
+        """renders/reference_<view>.png and renders/edit_<view>.png (the layout gridinr-report reads)."""
+        if self.config.run_dir is None:
+            return
+        folder = Path(self.config.run_dir) / "renders"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, edit in enumerate(edits):
+            reference = self.datamanager.eval_dataset.get_image_float32(index)[..., :3]
+            save_render_grid([reference], folder / f"reference_{index:03d}.png", ncols=1, padding=0)
+            save_render_grid([edit.cpu()], folder / f"edit_{index:03d}.png", ncols=1, padding=0)
 
     @torch.no_grad()
     def render_eval_views(self, count: Optional[int] = None) -> torch.Tensor:

@@ -13,7 +13,6 @@ from typing import Dict, List, Literal, Type
 import numpy as np
 import torch
 
-from gridinr_nerfstudio.camera_render import SampleFn
 from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.volume_render_model import VolumeRenderModel, VolumeRenderModelConfig
 
@@ -40,13 +39,15 @@ class GridINRFitModel(VolumeRenderModel):
         super().populate_modules()
         self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
 
-    def sample_fn(self) -> SampleFn:
-        transfer_function = self.transfer_function()
+    def value_fn(self):
+        return lambda points: self.field(points).clamp(0.0, 1.0)
 
-        def sample(points: torch.Tensor):
-            return transfer_function(self.field(points).clamp(0.0, 1.0))
+    def color_fn(self):
+        return self.transfer_function()
 
-        return sample
+    def occupancy_source(self) -> torch.Tensor:
+        """The raw voxels: the field approximates them, and they are what the reference renderings show."""
+        return torch.from_numpy(self.volume.normalized_array())
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         return {"encoding": list(self.field.encoding.parameters()), "mlp": list(self.field.mlp.parameters())}

@@ -46,7 +46,6 @@ class RenderSettings:
         unit_distance = self.unit_distance if self.unit_distance is not None else voxel_size
         if self.preset:
             return load_preset(self.preset, unit_distance=unit_distance)
-        return TransferFunction.ramp(
-            self.colormap, self.opacity_low, self.opacity_high, self.opacity_scale, unit_distance=unit_distance
-        )
+        low, high = sorted((self.opacity_low, self.opacity_high))  # viewer sliders may cross
+        return TransferFunction.ramp(self.colormap, low, high, self.opacity_scale, unit_distance=unit_distance)
 

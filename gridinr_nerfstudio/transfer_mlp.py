@@ -58,6 +58,33 @@ class TransferMLP(nn.Module):
     def forward(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.lookup(self.table(), values)
 
+    def tabulated(self, invisible_sigma: float) -> "TransferTable":
+        """The MLP evaluated once into a table, usable as a transfer function (also for empty-space skipping)."""
+        return TransferTable(self, self.table(), invisible_sigma)
+
+
+class TransferTable:
+    """A transfer MLP's table: maps values to (rgb, sigma), and tells which value ranges are visible.
+
+    sigma below `invisible_sigma` counts as transparent for empty-space skipping (a softplus is never exactly 0).
+    """
+
+    def __init__(self, mlp: TransferMLP, table: torch.Tensor, invisible_sigma: float):
+        self.mlp = mlp
+        self.table = table
+        visible = (table[:, 3].detach() > invisible_sigma).long()
+        self.visible_count = torch.cat([visible.new_zeros(1), visible.cumsum(0)])
+
+    def __call__(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.mlp.lookup(self.table, values)
+
+    def visible_in_range(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """Whether any table entry bracketing [low, high] is visible."""
+        last = self.table.shape[0] - 1
+        first_entry = (low.clamp(0.0, 1.0) * last).floor().long()
+        last_entry = (high.clamp(0.0, 1.0) * last).ceil().long()
+        return self.visible_count[last_entry + 1] - self.visible_count[first_entry] > 0
+
 
 def fit_to_transfer_function(mlp: TransferMLP, transfer_function: nn.Module, steps: int = 400, lr: float = 1e-2) -> float:
     """Warm start: regress the MLP onto a fixed transfer function, so editing starts from the baseline look.

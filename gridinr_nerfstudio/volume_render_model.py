@@ -1,8 +1,13 @@
 """What both stages share as nerfstudio Models: rendering camera rays through a field with a transfer function.
 
-A subclass supplies `sample_fn()` (world points -> rgb, sigma); this class renders rays and whole camera
-images with the project's ray marcher, keeps the live render settings the viewer edits, and computes image
-metrics against the reference renderings (PSNR, SSIM, LPIPS when its weights are available).
+A subclass supplies `value_fn()` (world points -> normalised values) and `color_fn()` (values -> rgb, sigma);
+this class renders rays and whole camera images with the project's ray marcher, keeps the live render
+settings the viewer edits (its controls), and computes image metrics against the reference renderings
+(PSNR, SSIM, LPIPS when its weights are available).
+
+Acceleration (viewer, eval, videos): early ray termination and empty-space skipping with min/max
+macrocells of `occupancy_source()` combined with the current colour function; neither changes the image
+beyond 1e-4 transmittance. Normals (for shading and the `normals` output) are central differences of the field.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.rays import RayBundle
@@ -19,8 +24,11 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from gridinr_nerfstudio.camera_render import SampleFn, render_image
 from gridinr_nerfstudio.image_metrics import ImageMetrics
 from gridinr_nerfstudio.render_settings import RenderSettings
-from gridinr_nerfstudio.rendering import render_rays
+from gridinr_nerfstudio.rendering import OccupancyGrid, ValueFn, estimate_normals, render_rays
+from gridinr_nerfstudio.viewer_controls import add_render_controls
 from gridinr_nerfstudio.volume_dataparser import voxel_size_world
+
+ColorFn = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -32,6 +40,12 @@ class VolumeRenderModelConfig(ModelConfig):
     """Rays are clipped to the scene box by the ray marcher itself."""
     render_chunk_rays: int = 1 << 15
     """Rays rendered at once for whole images (memory vs speed)."""
+    accelerate: bool = True
+    """Empty-space skipping and early ray termination for whole-image renders (viewer, eval, videos)."""
+    occupancy_resolution: int = 32
+    """Macrocells per axis of the empty-space-skipping grid."""
+    compute_normals: bool = False
+    """Also output `normals` (gradient of the field) when shading is off; costs 6 field lookups per visible sample."""
     lpips_net: str = "alex"
     """LPIPS backbone (alex or vgg)."""
     lpips_weights: Optional[Path] = None
@@ -49,6 +63,8 @@ class VolumeRenderModel(Model):
         self.render_settings: RenderSettings = copy.deepcopy(self.kwargs["metadata"]["render_settings"])
         self.register_buffer("aabb", self.scene_box.aabb.clone().float(), persistent=False)
         self._transfer_function_cache: Tuple[str, torch.nn.Module] | None = None
+        self.__dict__["occupancy_grid"] = None  # built on first accelerated render; not part of checkpoints
+        add_render_controls(self)
         # Built lazily and kept out of the module tree: LPIPS weights are never part of our checkpoints.
         self.__dict__["image_metrics"] = ImageMetrics(
             lpips_net=self.config.lpips_net, lpips_weights=self.config.lpips_weights, device=self.aabb.device
@@ -62,16 +78,49 @@ class VolumeRenderModel(Model):
             self._transfer_function_cache = (key, tf)
         return self._transfer_function_cache[1]
 
-    def sample_fn(self) -> SampleFn:
-        """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""
+    def value_fn(self) -> ValueFn:
+        """World points (M, 3) -> normalised values (M,) of the field being shown."""
         raise NotImplementedError
 
-    def render_kwargs(self) -> Dict:
+    def color_fn(self) -> ColorFn:
+        """Values (M,) -> (rgb (M, 3), sigma (M,)): the transfer function."""
+        raise NotImplementedError
+
+    def occupancy_source(self) -> torch.Tensor:
+        """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping)."""
+        raise NotImplementedError
+
+    def sample_fn(self) -> SampleFn:
+        """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""
+        values_at, color = self.value_fn(), self.color_fn()
+        return lambda points: color(values_at(points))
+
+    @torch.no_grad()
+    def occupancy(self, color_fn: ColorFn) -> OccupancyGrid:
+        """Macrocell grid of `occupancy_source()`, marked with what `color_fn` makes visible."""
+        if self.occupancy_grid is None:
+            grid = OccupancyGrid.from_volume(
+                self.occupancy_source(), self.aabb[1].cpu(), resolution=self.config.occupancy_resolution
+            ).to(self.aabb.device)
+            self.__dict__["occupancy_grid"] = grid
+        return self.occupancy_grid.update(color_fn)
+
+    def render_kwargs(self, accelerate: bool = False) -> Dict:
         """Ray-marching options from the live render settings."""
-        return {
-            "num_samples": self.render_settings.num_samples,
-            "background": torch.tensor(self.render_settings.background, dtype=torch.float32, device=self.aabb.device),
+        settings = self.render_settings
+        kwargs: Dict = {
+            "num_samples": settings.num_samples,
+            "background": torch.tensor(settings.background, dtype=torch.float32, device=self.aabb.device),
+            "shading": settings.shading,
         }
+        if settings.shading or self.config.compute_normals:
+            values_at, eps = self.value_fn(), 0.5 * voxel_size_world(self.volume)
+            kwargs["normal_fn"] = lambda points: estimate_normals(values_at, points, eps)
+        if accelerate:
+            kwargs["occupancy_grid"] = self.occupancy(self.color_fn())
+        else:
+            kwargs["early_stop_eps"] = 0.0
+        return kwargs
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
         shape = ray_bundle.origins.shape[:-1]
@@ -94,7 +143,7 @@ class VolumeRenderModel(Model):
             self.sample_fn(),
             self.aabb,
             chunk_rays=self.config.render_chunk_rays,
-            **self.render_kwargs(),
+            **self.render_kwargs(accelerate=self.config.accelerate),
         )
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:

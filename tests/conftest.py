@@ -78,3 +78,11 @@ def tiny_dataset(write_raw_dataset: Callable[..., Path]) -> Path:
         },
         spacing=[1.0, 2.0, 0.5],
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_fit_run(tmp_path_factory) -> Path:
+    """config.yml of a tiny gridinr-fit run on the built-in volume (trained once per test session)."""
+    from tiny_runs import train_tiny_fit
+
+    return train_tiny_fit(tmp_path_factory.mktemp("tiny-fit"))

@@ -1,0 +1,426 @@
+"""Multi-resolution hash-grid encoding (instant-ngp / tiny-cuda-nn ``HashGrid``) that is fast on CPU.
+
+Why: nerfstudio's ``HashEncoding(implementation="torch")`` manages about 0.02 M points/s forward+backward on a
+2-core CPU. This module keeps tiny-cuda-nn's math and parameter layout and runs it through one of three
+backends behind the same interface:
+
+- ``"tcnn"``: tiny-cuda-nn (``tinycudann.Encoding``) for CUDA tensors, when it imports;
+- ``"cpp"``: our C++/OpenMP kernels (``csrc/hash_grid.cpp``) for CPU tensors, when the extension is built;
+- ``"torch"``: pure PyTorch, any device (the fallback, and the readable statement of the math).
+
+``backend="auto"`` picks, per call, tcnn on CUDA if possible, else cpp on CPU if built, else torch.
+
+Grid geometry (``convention="tcnn"``, tiny-cuda-nn's ``HashGrid``; float32 like tcnn):
+    level l scale ``s_l = exp2(l * log2(per_level_scale)) * base_resolution - 1``, ``r_l = ceil(s_l) + 1``
+    vertices per axis; a point ``x`` in [0, 1]^3 sits at ``p = x * s_l + 0.5``, cell ``floor(p)``, trilinear
+    weights from ``p - floor(p)``. Level slice size ``T_l = min(next_multiple_of_8(r_l^3), 2^log2_hashmap_size)``
+    entries. Levels with ``r_l^3 <= T_l`` are dense (index ``x + y r_l + z r_l^2``), the others hashed with
+    ``x * 1 xor y * 2654435761 xor z * 805459861``; both in uint32 arithmetic, then ``mod T_l`` (so dense levels
+    wrap around at the upper faces exactly as tcnn does).
+Grid geometry (``convention="nerfstudio"``, nerfstudio's torch ``HashEncoding``): ``s_l = floor(base_resolution
+    * growth^l)`` (computed in float32 as nerfstudio does), ``p = x * s_l`` (no 0.5 offset), every level hashed,
+    ``T_l = 2^log2_hashmap_size``.
+Both are the same kernel with different per-level (scale, offset, dense-or-hashed, slice offset, slice size).
+
+Parameter layout (all backends, and checkpoints): one flat ``params`` tensor of ``sum_l T_l * F`` values in
+tiny-cuda-nn's order: level-major, then entry, then feature, i.e. feature ``f`` of entry ``e`` of level ``l`` is
+``params[(offset_l + e) * F + f]`` with ``offset_l = sum_{k<l} T_k``. That is what ``tcnn.Encoding(...,
+dtype=torch.float32).params`` holds, so a ``convention="tcnn"`` checkpoint loads into either backend. For
+``convention="nerfstudio"``, ``offset_l = l * 2^log2_hashmap_size`` and ``params.view(-1, F)`` *is* nerfstudio's
+``hash_table`` (see ``from_nerfstudio`` / ``nerfstudio_hash_table``).
+
+Gradients: w.r.t. the table on every backend; w.r.t. the positions too (cpp kernel, torch autograd, tcnn).
+For training on CPU use ``HashGridAdam``: tiny-cuda-nn's sparse Adam in one fused C++ pass that also hands the
+zeroed gradient buffer back to the next backward (no 4-byte-per-parameter allocation or memset per step).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+Backend = Literal["auto", "tcnn", "cpp", "torch"]
+Convention = Literal["tcnn", "nerfstudio"]
+
+HASH_PRIMES = (1, 2654435761, 805459861)
+SUPPORTED_FEATURES_PER_LEVEL = (1, 2, 4, 8)
+
+try:
+    _cpp = importlib.import_module("gridinr_nerfstudio._hash_grid_cpp")
+except ImportError:
+    _cpp = None
+
+_tcnn_module = None  # imported lazily: importing tinycudann initialises CUDA
+
+
+def cpp_extension_available() -> bool:
+    """True when the C++/OpenMP kernels were built (``pip install --no-build-isolation -e .``)."""
+    return _cpp is not None
+
+
+def tcnn_available() -> bool:
+    """True when ``import tinycudann`` works (it needs CUDA)."""
+    global _tcnn_module
+    if _tcnn_module is None:
+        try:
+            _tcnn_module = importlib.import_module("tinycudann")
+        except (ImportError, OSError, RuntimeError):
+            _tcnn_module = False
+    return _tcnn_module is not False
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Per-level description consumed by every backend (scales are exact float32 values)."""
+
+    scales: tuple[float, ...]
+    shift: float
+    resolutions: tuple[int, ...]
+    dense: tuple[bool, ...]
+    table_offsets: tuple[int, ...]
+    table_sizes: tuple[int, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.scales)
+
+    @property
+    def num_entries(self) -> int:
+        return self.table_offsets[-1] + self.table_sizes[-1]
+
+    def kernel_arguments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(scales float64 (L,), level_info int64 (L, 4) = [resolution, dense, offset, size], shift) for the C++ side."""
+        info = torch.tensor(
+            list(zip(self.resolutions, [int(d) for d in self.dense], self.table_offsets, self.table_sizes)),
+            dtype=torch.int64,
+        )
+        return torch.tensor(self.scales, dtype=torch.float64), info, self.shift
+
+
+def tcnn_geometry(
+    num_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float
+) -> GridGeometry:
+    """tiny-cuda-nn HashGrid levels (GridEncodingTemplated): float32 scales, slices padded to 8 entries."""
+    log2_scale = np.log2(np.float32(per_level_scale))
+    hashmap_size = 1 << log2_hashmap_size
+    max_dense = np.iinfo(np.uint32).max // 2
+    scales, resolutions, dense, offsets, sizes = [], [], [], [], []
+    offset = 0
+    for level in range(num_levels):
+        scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
+        resolution = int(math.ceil(float(scale))) + 1
+        dense_entries = min(resolution**3, max_dense)
+        size = min(-(-dense_entries // 8) * 8, hashmap_size)
+        scales.append(float(scale))
+        resolutions.append(resolution)
+        dense.append(resolution**3 <= size)
+        offsets.append(offset)
+        sizes.append(size)
+        offset += size
+    return GridGeometry(tuple(scales), 0.5, tuple(resolutions), tuple(dense), tuple(offsets), tuple(sizes))
+
+
+def nerfstudio_geometry(num_levels: int, log2_hashmap_size: int, growth_factor: float, base_resolution: int) -> GridGeometry:
+    """nerfstudio HashEncoding levels: its float32 ``floor(min_res * growth**l)`` scalings, all levels hashed."""
+    scalings = torch.floor(base_resolution * growth_factor ** torch.arange(num_levels))  # nerfstudio's expression
+    size = 1 << log2_hashmap_size
+    scales = tuple(float(s) for s in scalings.to(torch.float32))
+    return GridGeometry(
+        scales=scales,
+        shift=0.0,
+        resolutions=tuple(int(s) + 1 for s in scales),
+        dense=(False,) * num_levels,
+        table_offsets=tuple(level * size for level in range(num_levels)),
+        table_sizes=(size,) * num_levels,
+    )
+
+
+class _HashGridCppFunction(torch.autograd.Function):
+    """Autograd wrapper of the C++ kernels; the table gradient reuses a recycled zeroed buffer when there is one."""
+
+    @staticmethod
+    def forward(ctx, positions, params, scales, level_info, shift, features):  # type: ignore[override]
+        ctx.save_for_backward(positions, params)
+        ctx.grid = (scales, level_info, shift, features)
+        return _cpp.forward(positions, params, scales, level_info, shift, features)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        positions, params = ctx.saved_tensors
+        scales, level_info, shift, features = ctx.grid
+        grad_out = grad_out.contiguous()
+        grad_positions = grad_params = None
+        if ctx.needs_input_grad[0]:
+            grad_positions = _cpp.backward_positions(positions, params, grad_out, scales, level_info, shift, features)
+        if ctx.needs_input_grad[1]:
+            grad_params = _take_zeroed_grad_buffer(params)
+            _cpp.backward_params(positions, grad_out, grad_params, scales, level_info, shift, features)
+        return grad_positions, grad_params, None, None, None, None
+
+
+# Zeroed gradient buffers handed back by HashGridAdam after its step, keyed by parameter. Reusing one saves
+# allocating (page faults) and zeroing a dense table-sized gradient every step; autograd adopts the returned
+# buffer as ``param.grad`` when the grad was None, so gradient semantics are unchanged.
+_spare_grad_buffers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _take_zeroed_grad_buffer(params: torch.Tensor) -> torch.Tensor:
+    spare = _spare_grad_buffers.pop(params, None)
+    if spare is not None and spare.shape == params.shape and spare.dtype == params.dtype and spare.device == params.device:
+        return spare
+    return torch.zeros_like(params)
+
+
+_CORNERS = torch.tensor([[c & 1, (c >> 1) & 1, c >> 2] for c in range(8)], dtype=torch.int64)  # x fastest, like tcnn
+_UINT32_MASK = 0xFFFFFFFF
+
+
+def _torch_encode(positions: torch.Tensor, params: torch.Tensor, geometry: GridGeometry, features: int) -> torch.Tensor:
+    """Pure-PyTorch encoding: the same index math in int64 masked to uint32; autograd gives both gradients."""
+    corners = _CORNERS.to(positions.device)
+    indices, weights = [], []
+    for level in range(geometry.num_levels):
+        scaled = positions * geometry.scales[level] + geometry.shift
+        lower = torch.floor(scaled)
+        frac = scaled - lower
+        grid = lower.to(torch.int64)[:, None, :] + corners  # (N, 8, 3)
+        if geometry.dense[level]:
+            resolution = geometry.resolutions[level]
+            raw = grid[..., 0] + grid[..., 1] * resolution + grid[..., 2] * (resolution * resolution & _UINT32_MASK)
+        else:
+            raw = grid[..., 0] ^ (grid[..., 1] * HASH_PRIMES[1]) ^ (grid[..., 2] * HASH_PRIMES[2])
+        index = (raw & _UINT32_MASK) % geometry.table_sizes[level]
+        indices.append(index + geometry.table_offsets[level])
+        weights.append(torch.where(corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(dim=-1))
+    table = params.view(-1, features)
+    values = table[torch.stack(indices, dim=1)]  # (N, L, 8, F)
+    encoded = (torch.stack(weights, dim=1)[..., None] * values).sum(dim=2)
+    return encoded.reshape(positions.shape[0], geometry.num_levels * features)
+
+
+class HashGridEncoding(nn.Module):
+    """Multi-resolution hash-grid encoding: (..., 3) positions in [0, 1]^3 -> (..., num_levels * features).
+
+    Args:
+        num_levels: number of grid levels.
+        features_per_level: features per entry (1, 2, 4 or 8, like tcnn).
+        log2_hashmap_size: log2 of the maximum entries per level.
+        base_resolution: resolution of the coarsest level.
+        max_resolution: resolution of the finest level; sets ``per_level_scale`` when that is not given.
+        per_level_scale: growth factor between levels (overrides ``max_resolution``).
+        convention: ``"tcnn"`` (instant-ngp / tiny-cuda-nn) or ``"nerfstudio"`` (nerfstudio's torch HashEncoding).
+        backend: ``"auto"``, ``"tcnn"``, ``"cpp"`` or ``"torch"``.
+        init_scale: parameters start uniform in [-init_scale, init_scale] (tcnn uses 1e-4).
+    """
+
+    def __init__(
+        self,
+        num_levels: int = 16,
+        features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        max_resolution: int = 1024,
+        per_level_scale: Optional[float] = None,
+        convention: Convention = "tcnn",
+        backend: Backend = "auto",
+        init_scale: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if features_per_level not in SUPPORTED_FEATURES_PER_LEVEL:
+            raise ValueError(f"features_per_level must be one of {SUPPORTED_FEATURES_PER_LEVEL}, got {features_per_level}")
+        if num_levels < 1 or not 1 <= log2_hashmap_size <= 31 or base_resolution < 1:
+            raise ValueError("need num_levels >= 1, 1 <= log2_hashmap_size <= 31 and base_resolution >= 1")
+        if backend not in ("auto", "tcnn", "cpp", "torch"):
+            raise ValueError(f"backend must be 'auto', 'tcnn', 'cpp' or 'torch', got {backend!r}")
+        if per_level_scale is None:
+            per_level_scale = (
+                float(np.exp((np.log(max_resolution) - np.log(base_resolution)) / (num_levels - 1)))
+                if num_levels > 1
+                else 1.0
+            )
+        if convention == "tcnn":
+            self.geometry = tcnn_geometry(num_levels, log2_hashmap_size, base_resolution, per_level_scale)
+        elif convention == "nerfstudio":
+            self.geometry = nerfstudio_geometry(num_levels, log2_hashmap_size, per_level_scale, base_resolution)
+        else:
+            raise ValueError(f"convention must be 'tcnn' or 'nerfstudio', got {convention!r}")
+        self.num_levels = num_levels
+        self.features_per_level = features_per_level
+        self.log2_hashmap_size = log2_hashmap_size
+        self.base_resolution = base_resolution
+        self.per_level_scale = per_level_scale
+        self.convention = convention
+        self.backend = backend
+        self._kernel_arguments = self.geometry.kernel_arguments()
+        self._tcnn_encoding = None  # created on first CUDA call; not a submodule, ``params`` is the only state
+        params = torch.empty(self.geometry.num_entries * features_per_level).uniform_(-init_scale, init_scale)
+        self.params = nn.Parameter(params)
+
+    def get_out_dim(self) -> int:
+        return self.num_levels * self.features_per_level
+
+    def tcnn_config(self) -> dict:
+        """tiny-cuda-nn encoding config with this geometry (``convention="tcnn"`` only)."""
+        return {
+            "otype": "HashGrid",
+            "n_levels": self.num_levels,
+            "n_features_per_level": self.features_per_level,
+            "log2_hashmap_size": self.log2_hashmap_size,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.per_level_scale,
+        }
+
+    def backend_for(self, device: torch.device) -> str:
+        """The backend a call on ``device`` uses; raises when the requested one cannot run there."""
+        tcnn_ok = device.type == "cuda" and self.convention == "tcnn" and self.params.dtype == torch.float32
+        cpp_ok = device.type == "cpu" and cpp_extension_available()
+        if self.backend == "auto":
+            if tcnn_ok and tcnn_available():
+                return "tcnn"
+            return "cpp" if cpp_ok else "torch"
+        if self.backend == "tcnn" and not (tcnn_ok and tcnn_available()):
+            raise RuntimeError(
+                "backend='tcnn' needs tinycudann, CUDA tensors, float32 params and convention='tcnn'"
+            )
+        if self.backend == "cpp" and not cpp_ok:
+            raise RuntimeError(
+                "backend='cpp' needs CPU tensors and the built extension gridinr_nerfstudio._hash_grid_cpp "
+                "(pip install --no-build-isolation -e .)"
+            )
+        return self.backend
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        if positions.shape[-1] != 3:
+            raise ValueError(f"HashGridEncoding expects positions of shape (..., 3), got {tuple(positions.shape)}")
+        batch_shape = positions.shape[:-1]
+        flat = positions.reshape(-1, 3).to(self.params.dtype).contiguous()
+        backend = self.backend_for(flat.device)
+        if backend == "tcnn":
+            encoded = self._tcnn_forward(flat)
+        elif backend == "cpp":
+            scales, level_info, shift = self._kernel_arguments
+            encoded = _HashGridCppFunction.apply(flat, self.params, scales, level_info, shift, self.features_per_level)
+        else:
+            encoded = _torch_encode(flat, self.params, self.geometry, self.features_per_level)
+        return encoded.reshape(*batch_shape, self.get_out_dim())
+
+    def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._tcnn_encoding is None:
+            encoding = _tcnn_module.Encoding(3, self.tcnn_config(), dtype=torch.float32)
+            if encoding.params.numel() != self.params.numel():
+                raise RuntimeError(
+                    f"tiny-cuda-nn holds {encoding.params.numel()} grid parameters, our layout {self.params.numel()}"
+                )
+            self._tcnn_encoding = encoding
+        self._tcnn_encoding.params = self.params  # share our Parameter: one state, one layout
+        return self._tcnn_encoding(positions)
+
+    @classmethod
+    def from_nerfstudio(cls, encoding: nn.Module, backend: Backend = "auto") -> "HashGridEncoding":
+        """Copy of a nerfstudio ``HashEncoding``: its torch ``hash_table``, or its tcnn params when it used tcnn."""
+        tcnn_encoding = getattr(encoding, "tcnn_encoding", None)
+        ours = cls(
+            num_levels=encoding.num_levels,
+            features_per_level=encoding.features_per_level,
+            log2_hashmap_size=encoding.log2_hashmap_size,
+            base_resolution=encoding.min_res,
+            per_level_scale=float(encoding.growth_factor),
+            convention="tcnn" if tcnn_encoding is not None else "nerfstudio",
+            backend=backend,
+        )
+        source = tcnn_encoding.params if tcnn_encoding is not None else encoding.hash_table
+        with torch.no_grad():
+            ours.params.copy_(source.detach().reshape(-1).to(ours.params.dtype))
+        return ours
+
+    def nerfstudio_hash_table(self) -> torch.Tensor:
+        """The ``(num_levels * 2^log2_hashmap_size, features)`` table of nerfstudio's torch HashEncoding (a view)."""
+        if self.convention != "nerfstudio":
+            raise ValueError("only convention='nerfstudio' has nerfstudio's hash_table layout")
+        return self.params.view(-1, self.features_per_level)
+
+
+class HashGridAdam(torch.optim.Optimizer):
+    """Lazy Adam for hash tables, fused into one pass (C++ on CPU, torch ops elsewhere).
+
+    Update rule of ``torch.optim.SparseAdam`` applied to a dense gradient whose exact zeros mean "not touched this
+    step" (tiny-cuda-nn's Adam skips zero-gradient grid entries the same way): touched entries update their moments
+    and move by ``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)`` with the global step ``t``,
+    untouched ones keep value and moments. Why: dense Adam over a 2^19-per-level table costs more than the
+    encoding itself on CPU. The pass zeroes the gradient as it reads it and hands the buffer back to the next
+    ``HashGridEncoding`` backward (no table-sized allocation and memset per step), so ``param.grad`` is None
+    after ``step()``.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-15) -> None:
+        if lr < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or eps < 0:
+            raise ValueError(f"HashGridAdam: invalid lr={lr}, betas={betas} or eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("HashGridAdam expects dense gradients (zeros mark untouched entries)")
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                step = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                fused = (
+                    _cpp is not None
+                    and param.device.type == "cpu"
+                    and param.dtype in (torch.float32, torch.float64)
+                    and param.is_contiguous()
+                    and grad.is_contiguous()
+                )
+                if fused:
+                    _cpp.sparse_adam_step(
+                        param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"]
+                    )
+                else:
+                    _torch_sparse_adam_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"])
+                _spare_grad_buffers[param] = grad
+                param.grad = None
+        return loss
+
+
+def _torch_sparse_adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """The same update as the C++ ``sparse_adam_step`` in torch ops (any device); zeroes ``grad``."""
+    touched = grad != 0
+    g = grad[touched]
+    m = exp_avg[touched].mul_(beta1).add_(g, alpha=1 - beta1)
+    v = exp_avg_sq[touched].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    exp_avg[touched] = m
+    exp_avg_sq[touched] = v
+    param[touched] -= step_size * m / (v.sqrt() + eps)
+    grad.zero_()

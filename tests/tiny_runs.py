@@ -1,0 +1,68 @@
+"""Tiny real training runs through nerfstudio's own `ns-train` code path, for tests (seconds on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from nerfstudio.scripts.train import main as ns_train_main
+
+from gridinr_nerfstudio.method_specs import edit_trainer_config, fit_trainer_config
+from gridinr_nerfstudio.volume_dataparser import BUILTIN_DEFAULT
+
+
+def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None:
+    """Few small views and short rays: references render in a blink."""
+    dataparser.num_train_views = 4
+    dataparser.num_eval_views = 2
+    dataparser.image_size = image_size
+    dataparser.render.num_samples = 32
+    dataparser.cache_dir = cache_dir
+
+
+def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: int = 60, **dataparser_overrides) -> Path:
+    """Train a small gridinr-fit run; returns its config.yml."""
+    config = fit_trainer_config()
+    config.output_dir = output_dir
+    config.timestamp = "tiny"
+    config.vis = "tensorboard"
+    config.max_num_iterations = iterations
+    config.steps_per_eval_image = iterations + 1
+    config.steps_per_eval_batch = iterations + 1
+    config.steps_per_eval_all_images = iterations + 1
+    config.steps_per_save = iterations
+    config.pipeline.datamanager.dataparser.data = data
+    shrink_dataparser(config.pipeline.datamanager.dataparser, output_dir / "references")
+    for key, value in dataparser_overrides.items():
+        setattr(config.pipeline.datamanager.dataparser, key, value)
+    config.pipeline.datamanager.batch_size = 1 << 12
+    field = config.pipeline.model.field
+    field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
+    ns_train_main(config)
+    return config.get_base_dir() / "config.yml"
+
+
+def train_tiny_edit(output_dir: Path, stage1_config: Path, iterations: int = 10, target_image: Optional[Path] = None,
+                    clip_weights: Optional[Path] = None, clip_model: Optional[str] = None, lam_clip: float = 0.0) -> Path:
+    """Train a small gridinr-edit run on a tiny stage-1 run; returns its config.yml."""
+    config = edit_trainer_config()
+    config.output_dir = output_dir
+    config.timestamp = "tiny-edit"
+    config.vis = "tensorboard"
+    config.max_num_iterations = iterations
+    config.steps_per_eval_image = iterations + 1
+    config.steps_per_eval_all_images = iterations + 1
+    config.steps_per_save = iterations
+    pipeline = config.pipeline
+    pipeline.stage1_config = stage1_config
+    pipeline.steps_per_render = max(1, iterations // 2)
+    model = pipeline.model
+    model.lam_clip = lam_clip
+    model.hidden_dim = 32
+    model.target_image = target_image
+    if clip_weights is not None:
+        model.clip_weights = clip_weights
+    if clip_model is not None:
+        model.clip_model = clip_model
+    ns_train_main(config)
+    return config.get_base_dir() / "config.yml"
