@@ -1,6 +1,6 @@
 """Orbit cameras around the volume, in nerfstudio's convention (OpenGL: camera looks down -z, y up; world z up).
 
-Train and eval views sit on different points of the sphere (two interleaved Fibonacci spirals), so eval
+Train and eval views are different points of one Fibonacci spiral over the sphere (`split_views`), so eval
 measures novel views rather than memorised ones.
 """
 
@@ -64,8 +64,30 @@ def orbit_cameras(
     offset: float = 0.0,
 ) -> Cameras:
     """Pinhole cameras on a sphere of `radius` around the origin, all looking at it."""
-    eyes = fibonacci_directions(count, offset) * radius
-    return pinhole_cameras(look_at(eyes), image_size, fov_degrees)
+    return pinhole_cameras(look_at(fibonacci_directions(count, offset) * radius), image_size, fov_degrees)
+
+
+def split_views(num_train: int, num_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of train and eval views on one spiral of num_train + num_eval directions.
+
+    Eval views are spread evenly along the spiral, so they cover the sphere and never coincide with a
+    training view (novel views, each between training neighbours).
+    """
+    total = num_train + num_eval
+    eval_indices = torch.unique(((torch.arange(num_eval) + 0.5) * total / max(num_eval, 1)).long().clamp(max=total - 1))
+    is_eval = torch.zeros(total, dtype=torch.bool)
+    is_eval[eval_indices] = True
+    return (~is_eval).nonzero().squeeze(-1), is_eval.nonzero().squeeze(-1)
+
+
+def split_orbit_cameras(
+    split: str, num_train: int, num_eval: int, image_size: int = 256, fov_degrees: float = 45.0, radius: float = 2.5
+) -> Cameras:
+    """The train or eval ("val"/"test") cameras of one shared spiral (see `split_views`)."""
+    train, evaluation = split_views(num_train, num_eval)
+    eyes = fibonacci_directions(num_train + num_eval) * radius
+    indices = train if split == "train" else evaluation
+    return pinhole_cameras(look_at(eyes[indices]), image_size, fov_degrees)
 
 
 def circle_cameras(

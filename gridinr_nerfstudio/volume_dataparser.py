@@ -25,7 +25,7 @@ from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserCo
 from nerfstudio.data.scene_box import SceneBox
 from rich.console import Console
 
-from gridinr_nerfstudio.orbit_cameras import orbit_cameras
+from gridinr_nerfstudio.orbit_cameras import split_orbit_cameras
 from gridinr_nerfstudio.render_settings import RenderSettings
 from gridinr_nerfstudio.volume_io import Volume, open_volume
 
@@ -121,14 +121,14 @@ class VolumeDataParser(DataParser):
         return self._volume
 
     def cameras_for_split(self, split: str) -> Cameras:
-        """Training views and eval views lie on interleaved spirals, so eval views are novel."""
-        train = split == "train"
-        return orbit_cameras(
-            self.config.num_train_views if train else self.config.num_eval_views,
+        """Training views and eval views are different points of one spiral, so eval views are novel."""
+        return split_orbit_cameras(
+            split,
+            self.config.num_train_views,
+            self.config.num_eval_views,
             image_size=self.config.image_size,
             fov_degrees=self.config.fov_degrees,
             radius=self.config.camera_radius,
-            offset=0.0 if train else 0.5,
         )
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
