@@ -30,8 +30,9 @@ dtype=torch.float32).params`` holds, so a ``convention="tcnn"`` checkpoint loads
 ``hash_table`` (see ``from_nerfstudio`` / ``nerfstudio_hash_table``).
 
 Gradients: w.r.t. the table on every backend; w.r.t. the positions too (cpp kernel, torch autograd, tcnn).
-For training on CPU use ``HashGridAdam``: tiny-cuda-nn's sparse Adam in one fused C++ pass that also hands the
-zeroed gradient buffer back to the next backward (no 4-byte-per-parameter allocation or memset per step).
+For training on CPU use ``HashGridAdam`` for the table: a lazy Adam (zero-gradient entries skipped, as tiny-cuda-nn
+does for grids) in one fused C++ pass that also hands the zeroed gradient buffer back to the next backward, so no
+table-sized gradient is allocated and zeroed per step.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def tcnn_geometry(
     return GridGeometry(tuple(scales), 0.5, tuple(resolutions), tuple(dense), tuple(offsets), tuple(sizes))
 
 
-def nerfstudio_geometry(num_levels: int, log2_hashmap_size: int, growth_factor: float, base_resolution: int) -> GridGeometry:
+def nerfstudio_geometry(
+    num_levels: int, log2_hashmap_size: int, base_resolution: int, growth_factor: float
+) -> GridGeometry:
     """nerfstudio HashEncoding levels: its float32 ``floor(min_res * growth**l)`` scalings, all levels hashed."""
     scalings = torch.floor(base_resolution * growth_factor ** torch.arange(num_levels))  # nerfstudio's expression
     size = 1 << log2_hashmap_size
@@ -200,8 +203,8 @@ def _torch_encode(positions: torch.Tensor, params: torch.Tensor, geometry: GridG
         index = (raw & _UINT32_MASK) % geometry.table_sizes[level]
         indices.append(index + geometry.table_offsets[level])
         weights.append(torch.where(corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(dim=-1))
-    table = params.view(-1, features)
-    values = table[torch.stack(indices, dim=1)]  # (N, L, 8, F)
+    index = torch.stack(indices, dim=1)  # (N, L, 8)
+    values = params.view(-1, features).index_select(0, index.reshape(-1)).view(*index.shape, features)  # (N, L, 8, F)
     encoded = (torch.stack(weights, dim=1)[..., None] * values).sum(dim=2)
     return encoded.reshape(positions.shape[0], geometry.num_levels * features)
 
@@ -249,7 +252,7 @@ class HashGridEncoding(nn.Module):
         if convention == "tcnn":
             self.geometry = tcnn_geometry(num_levels, log2_hashmap_size, base_resolution, per_level_scale)
         elif convention == "nerfstudio":
-            self.geometry = nerfstudio_geometry(num_levels, log2_hashmap_size, per_level_scale, base_resolution)
+            self.geometry = nerfstudio_geometry(num_levels, log2_hashmap_size, base_resolution, per_level_scale)
         else:
             raise ValueError(f"convention must be 'tcnn' or 'nerfstudio', got {convention!r}")
         self.num_levels = num_levels
@@ -281,7 +284,11 @@ class HashGridEncoding(nn.Module):
     def backend_for(self, device: torch.device) -> str:
         """The backend a call on ``device`` uses; raises when the requested one cannot run there."""
         tcnn_ok = device.type == "cuda" and self.convention == "tcnn" and self.params.dtype == torch.float32
-        cpp_ok = device.type == "cpu" and cpp_extension_available()
+        cpp_ok = (
+            device.type == "cpu"
+            and self.params.dtype in (torch.float32, torch.float64)
+            and cpp_extension_available()
+        )
         if self.backend == "auto":
             if tcnn_ok and tcnn_available():
                 return "tcnn"
@@ -292,8 +299,8 @@ class HashGridEncoding(nn.Module):
             )
         if self.backend == "cpp" and not cpp_ok:
             raise RuntimeError(
-                "backend='cpp' needs CPU tensors and the built extension gridinr_nerfstudio._hash_grid_cpp "
-                "(pip install --no-build-isolation -e .)"
+                "backend='cpp' needs CPU float32/float64 tensors and the built extension "
+                "gridinr_nerfstudio._hash_grid_cpp (pip install --no-build-isolation -e .)"
             )
         return self.backend
 
@@ -313,15 +320,17 @@ class HashGridEncoding(nn.Module):
         return encoded.reshape(*batch_shape, self.get_out_dim())
 
     def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if self._tcnn_encoding is None:
-            encoding = _tcnn_module.Encoding(3, self.tcnn_config(), dtype=torch.float32)
+        encoding = self._tcnn_encoding
+        if encoding is None:
+            with torch.cuda.device(positions.device):
+                encoding = _tcnn_module.Encoding(3, self.tcnn_config(), dtype=torch.float32)
             if encoding.params.numel() != self.params.numel():
                 raise RuntimeError(
                     f"tiny-cuda-nn holds {encoding.params.numel()} grid parameters, our layout {self.params.numel()}"
                 )
-            self._tcnn_encoding = encoding
-        self._tcnn_encoding.params = self.params  # share our Parameter: one state, one layout
-        return self._tcnn_encoding(positions)
+            self.__dict__["_tcnn_encoding"] = encoding  # not a submodule: ``params`` stays our only state
+        encoding.params = self.params  # tcnn reads its ``params`` attribute: share ours, one state, one layout
+        return encoding(positions)
 
     @classmethod
     def from_nerfstudio(cls, encoding: nn.Module, backend: Backend = "auto") -> "HashGridEncoding":

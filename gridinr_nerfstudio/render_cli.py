@@ -65,7 +65,11 @@ def path_cameras(path: PathKind, frames: int, image_size: int, radius: float, el
 
 
 def render_outputs(model, cameras, kind: OutputKind) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(value (H, W, C), accumulation (H, W, 1)) per camera; normals are switched on for `kind == "normals"`."""
+    """(value (H, W, C), accumulation (H, W, 1)) per camera.
+
+    For normals, the model's `compute_normals` is on while frames are drawn (restored when the frames run out
+    or the generator is closed).
+    """
     from rich.progress import track
 
     compute_normals = model.config.compute_normals

@@ -86,7 +86,7 @@ class TransferTable:
         return self.visible_count[last_entry + 1] - self.visible_count[first_entry] > 0
 
 
-def fit_to_transfer_function(mlp: TransferMLP, transfer_function: nn.Module, steps: int = 400, lr: float = 1e-2) -> float:
+def fit_to_transfer_function(mlp: TransferMLP, transfer_function: nn.Module, steps: int = 600, lr: float = 1e-2) -> float:
     """Warm start: regress the MLP onto a fixed transfer function, so editing starts from the baseline look.
 
     Returns the final relative error. Density is compared after the sigma scale, in log space, because
@@ -103,4 +103,4 @@ def fit_to_transfer_function(mlp: TransferMLP, transfer_function: nn.Module, ste
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())

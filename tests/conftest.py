@@ -85,4 +85,5 @@ def tiny_fit_run(tmp_path_factory) -> Path:
     """config.yml of a tiny gridinr-fit run on the built-in volume (trained once per test session)."""
     from tiny_runs import train_tiny_fit
 
-    return train_tiny_fit(tmp_path_factory.mktemp("tiny-fit"))
+    # 300 steps (about 1.5 s more than 60): renders show the volume (sphere and helix), not a faint blob.
+    return train_tiny_fit(tmp_path_factory.mktemp("tiny-fit"), iterations=300)

@@ -276,11 +276,13 @@ void backward_positions_kernel(const scalar_t* positions, const scalar_t* params
         const scalar_t* g_block = grad_out + b * kBlock * row + l * F;
         for (int64_t j = 0; j < block.count; ++j) {
           prefetch_rows<F, false>(table, cells, j + kPrefetchDistance, block.count);
+          scalar_t g[F];
+          for (int f = 0; f < F; ++f) g[f] = g_block[j * row + f];
           scalar_t dot[8];
           for (int c = 0; c < 8; ++c) {
             const scalar_t* entry = table + static_cast<int64_t>(cells.index[c][j]) * F;
             scalar_t s = 0;
-            for (int f = 0; f < F; ++f) s += g_block[j * row + f] * entry[f];
+            for (int f = 0; f < F; ++f) s += g[f] * entry[f];
             dot[c] = s;
           }
           const scalar_t fx = cells.frac[0][j], fy = cells.frac[1][j], fz = cells.frac[2][j];
