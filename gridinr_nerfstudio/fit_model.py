@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Type
+from typing import Callable, Dict, List, Literal, Type
 
 import numpy as np
 import torch
 
 from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+from gridinr_nerfstudio.volume_io import Volume
 from gridinr_nerfstudio.volume_render_model import VolumeRenderModel, VolumeRenderModelConfig
 
 
@@ -59,33 +60,9 @@ class GridINRFitModel(VolumeRenderModel):
         loss = error.abs().mean() if self.config.loss == "l1" else error.square().mean()
         return {"value_loss": loss}
 
-    @torch.no_grad()
     def volume_psnr(self) -> float:
-        """PSNR (dB, normalised units, data range 1) of the field at every voxel centre, in z-slab chunks."""
-        volume = self.volume
-        size_x, size_y, size_z = volume.info.dims
-        device = self.aabb.device
-        slab = max(1, self.config.volume_psnr_chunk // (size_x * size_y))
-        axes = [torch.linspace(0.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (size_x, size_y)]
-        grid_y, grid_x = torch.meshgrid(axes[1], axes[0], indexing="ij")
-        squared_error, count = 0.0, 0
-        for z0 in range(0, size_z, slab):
-            z1 = min(size_z, z0 + slab)
-            target = torch.from_numpy(volume.normalized_slab(z0, z1)).to(device).float()
-            unit_z = torch.arange(z0, z1, device=device, dtype=torch.float32) / max(size_z - 1, 1)
-            unit = torch.stack(
-                [
-                    grid_x.expand(z1 - z0, -1, -1),
-                    grid_y.expand(z1 - z0, -1, -1),
-                    unit_z[:, None, None].expand(-1, size_y, size_x),
-                ],
-                dim=-1,
-            ).reshape(-1, 3)
-            predicted = self.field.forward_unit(unit).reshape(target.shape)
-            squared_error += float((predicted.clamp(0, 1) - target).double().square().sum())
-            count += target.numel()
-        mse = squared_error / count
-        return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+        """PSNR (dB) of the field at every voxel centre of the volume (see `volume_psnr`)."""
+        return volume_psnr(self.field.forward_unit, self.volume, self.aabb.device, self.config.volume_psnr_chunk)
 
     def count_parameters(self) -> int:
         return int(sum(p.numel() for p in self.field.parameters()))
@@ -97,3 +74,31 @@ class GridINRFitModel(VolumeRenderModel):
         """Volume bytes (in its own dtype) over model bytes."""
         volume_bytes = int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
         return volume_bytes / self.model_bytes()
+
+
+@torch.no_grad()
+def volume_psnr(value_at_unit: Callable[[torch.Tensor], torch.Tensor], volume: Volume, device: torch.device | str = "cpu",
+                chunk: int = 1 << 18) -> float:
+    """PSNR (dB, normalised units, data range 1) of a field at every voxel centre, at native resolution.
+
+    `value_at_unit` maps points in the unit cube (N, 3) to values (N,); predictions are clamped to [0, 1].
+    The volume is read in z-slabs through its memmap, so this works for volumes larger than memory.
+    """
+    size_x, size_y, size_z = volume.info.dims
+    slab = max(1, chunk // (size_x * size_y))
+    axes = [torch.linspace(0.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (size_x, size_y)]
+    grid_y, grid_x = torch.meshgrid(axes[1], axes[0], indexing="ij")
+    squared_error, count = 0.0, 0
+    for z0 in range(0, size_z, slab):
+        z1 = min(size_z, z0 + slab)
+        target = torch.from_numpy(volume.normalized_slab(z0, z1)).to(device).float()
+        unit_z = torch.arange(z0, z1, device=device, dtype=torch.float32) / max(size_z - 1, 1)
+        unit = torch.stack(
+            [grid_x.expand(z1 - z0, -1, -1), grid_y.expand(z1 - z0, -1, -1), unit_z[:, None, None].expand(-1, size_y, size_x)],
+            dim=-1,
+        ).reshape(-1, 3)
+        predicted = value_at_unit(unit).reshape(target.shape)
+        squared_error += float((predicted.clamp(0, 1) - target).double().square().sum())
+        count += target.numel()
+    mse = squared_error / count
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
