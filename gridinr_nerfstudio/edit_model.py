@@ -21,7 +21,7 @@ from gridinr_nerfstudio.camera_render import camera_rays, render_image
 from gridinr_nerfstudio.rendering import DenseGridField
 from gridinr_nerfstudio.transfer_mlp import TransferMLP, fit_to_transfer_function
 from gridinr_nerfstudio.volume_dataparser import voxel_size_world
-from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings, decode_field_cache
 from gridinr_nerfstudio.volume_render_model import VolumeRenderModel, VolumeRenderModelConfig
 
 CONSOLE = Console(width=120)
@@ -157,19 +157,3 @@ def load_stage1_field_state(checkpoint: Path) -> Dict[str, torch.Tensor]:
     if not field_state:
         raise ValueError(f"{checkpoint}: no '{prefix}*' weights: not a gridinr-fit checkpoint")
     return field_state
-
-
-@torch.no_grad()
-def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int = 1 << 18) -> DenseGridField:
-    """Evaluate the field on a grid (keeping the volume's aspect ratio) and serve it by trilinear lookup."""
-    dims = np.asarray(dims, dtype=np.float64)
-    longest = dims.max()
-    target = min(longest, 256) if resolution == 0 else resolution
-    grid_dims = np.maximum(2, np.round(dims * target / longest)).astype(int)  # (X, Y, Z)
-    device = field.aabb.device
-    axes = [torch.linspace(0.0, 1.0, int(n), device=device) for n in grid_dims]
-    zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-    unit = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
-    values = torch.cat([field.forward_unit(unit[i : i + chunk]) for i in range(0, unit.shape[0], chunk)])
-    grid = values.reshape(int(grid_dims[2]), int(grid_dims[1]), int(grid_dims[0])).clamp(0.0, 1.0)
-    return DenseGridField(grid, field.aabb[1].clone())

@@ -13,6 +13,7 @@ from gridinr_nerfstudio.fit_pipeline import GridINRFitPipelineConfig
 from gridinr_nerfstudio.trainer_config import (
     FusedAdamOptimizerConfig,
     GridINRTrainerConfig,
+    HashGridAdamOptimizerConfig,
     LogLinearDecaySchedulerConfig,
     default_machine,
 )
@@ -40,7 +41,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
         ),
         optimizers={
             "encoding": {
-                "optimizer": FusedAdamOptimizerConfig(lr=1e-2, eps=1e-15),
+                "optimizer": HashGridAdamOptimizerConfig(lr=1e-2, eps=1e-15),
                 "scheduler": schedule,
             },
             "mlp": {

@@ -8,8 +8,10 @@ from typing import Optional, Type
 
 import torch
 from nerfstudio.configs.base_config import MachineConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig, OptimizerConfig
 from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
+
+from gridinr_nerfstudio.hash_encoding import HashGridAdam
 from nerfstudio.engine.trainer import TrainerConfig
 
 
@@ -33,6 +35,13 @@ class GridINRTrainerConfig(TrainerConfig):
             if isinstance(group.get("scheduler"), LogLinearDecaySchedulerConfig):
                 group["scheduler"].max_steps = self.max_num_iterations
         super().save_config()
+
+
+@dataclass
+class HashGridAdamOptimizerConfig(OptimizerConfig):
+    """Lazy fused Adam for hash tables (only the entries a batch touched move; see hash_encoding.HashGridAdam)."""
+
+    _target: Type = HashGridAdam
 
 
 def default_machine() -> MachineConfig:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 from nerfstudio.field_components.mlp import MLP
 from torch import nn
 
 from gridinr_nerfstudio.hash_encoding import HashGridEncoding
+from gridinr_nerfstudio.rendering import DenseGridField
 
 
 @dataclass
@@ -72,3 +75,19 @@ class VolumeField(nn.Module):
         if inside.any():
             values = values.masked_scatter(inside, self.forward_unit(unit[inside]).to(points.dtype))
         return values
+
+
+@torch.no_grad()
+def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int = 1 << 18) -> DenseGridField:
+    """Evaluate the field on a grid (keeping the volume's aspect ratio) and serve it by trilinear lookup."""
+    dims = np.asarray(dims, dtype=np.float64)
+    longest = dims.max()
+    target = min(longest, 256) if resolution == 0 else resolution
+    grid_dims = np.maximum(2, np.round(dims * target / longest)).astype(int)  # (X, Y, Z)
+    device = field.aabb.device
+    axes = [torch.linspace(0.0, 1.0, int(n), device=device) for n in grid_dims]
+    zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    unit = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+    values = torch.cat([field.forward_unit(unit[i : i + chunk]) for i in range(0, unit.shape[0], chunk)])
+    grid = values.reshape(int(grid_dims[2]), int(grid_dims[1]), int(grid_dims[0])).clamp(0.0, 1.0)
+    return DenseGridField(grid, field.aabb[1].clone())
