@@ -5,9 +5,11 @@ the Makefile installs with ``pip install --no-build-isolation``. If it cannot be
 package still works: ``hash_encoding`` falls back to its pure-PyTorch path.
 """
 import os
+import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.errors import CCompilerError, ExecError, PlatformError
 
 ext_modules = []
 cmdclass = {}
@@ -35,7 +37,20 @@ if os.path.exists(_src) and os.environ.get("GRIDINR_NO_EXT", "0") != "1":
                 extra_link_args=openmp,
             )
         )
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+        class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+            """A failed compile (no compiler, no OpenMP) leaves the package on its pure-PyTorch path."""
+
+            def build_extension(self, ext):
+                try:
+                    super().build_extension(ext)
+                except (
+                    CCompilerError, ExecError, PlatformError, subprocess.CalledProcessError, OSError, RuntimeError
+                ) as error:
+                    print(f"gridinr-nerfstudio: could not build {ext.name} ({error}); using the pure-PyTorch hash grid")
+                    self.extensions = [other for other in self.extensions if other is not ext]  # nothing to copy
+
+        cmdclass["build_ext"] = OptionalBuildExtension
     except ImportError:  # torch absent in an isolated build: pure-PyTorch fallback
         print("gridinr-nerfstudio: torch not importable at build time; skipping the C++ hash-grid kernels")
 

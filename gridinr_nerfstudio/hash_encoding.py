@@ -40,7 +40,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ def tcnn_geometry(
     offset = 0
     for level in range(num_levels):
         scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
-        resolution = int(math.ceil(float(scale))) + 1
+        resolution = math.ceil(float(scale)) + 1
         dense_entries = min(resolution**3, max_dense)
         size = min(-(-dense_entries // 8) * 8, hashmap_size)
         scales.append(float(scale))
@@ -170,16 +170,17 @@ class _HashGridCppFunction(torch.autograd.Function):
 
 
 # Zeroed gradient buffers handed back by HashGridAdam after its step, keyed by parameter. Reusing one saves
-# allocating (page faults) and zeroing a dense table-sized gradient every step; autograd adopts the returned
+# allocating (page faults) and clearing a dense table-sized gradient every step; autograd adopts the returned
 # buffer as ``param.grad`` when the grad was None, so gradient semantics are unchanged.
 _spare_grad_buffers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _take_zeroed_grad_buffer(params: torch.Tensor) -> torch.Tensor:
+    """The zeroed buffer HashGridAdam handed back for ``params`` if it still fits, else a new zeroed one."""
     spare = _spare_grad_buffers.pop(params, None)
-    if spare is not None and spare.shape == params.shape and spare.dtype == params.dtype and spare.device == params.device:
-        return spare
-    return torch.zeros_like(params)
+    if spare is None or spare.shape != params.shape or spare.dtype != params.dtype or spare.device != params.device:
+        return torch.zeros_like(params)
+    return spare
 
 
 _CORNERS = torch.tensor([[c & 1, (c >> 1) & 1, c >> 2] for c in range(8)], dtype=torch.int64)  # x fastest, like tcnn
@@ -231,14 +232,16 @@ class HashGridEncoding(nn.Module):
         log2_hashmap_size: int = 19,
         base_resolution: int = 16,
         max_resolution: int = 1024,
-        per_level_scale: Optional[float] = None,
+        per_level_scale: float | None = None,
         convention: Convention = "tcnn",
         backend: Backend = "auto",
         init_scale: float = 1e-4,
     ) -> None:
         super().__init__()
         if features_per_level not in SUPPORTED_FEATURES_PER_LEVEL:
-            raise ValueError(f"features_per_level must be one of {SUPPORTED_FEATURES_PER_LEVEL}, got {features_per_level}")
+            raise ValueError(
+                f"features_per_level must be one of {SUPPORTED_FEATURES_PER_LEVEL}, got {features_per_level}"
+            )
         if num_levels < 1 or not 1 <= log2_hashmap_size <= 31 or base_resolution < 1:
             raise ValueError("need num_levels >= 1, 1 <= log2_hashmap_size <= 31 and base_resolution >= 1")
         if backend not in ("auto", "tcnn", "cpp", "torch"):
@@ -285,18 +288,14 @@ class HashGridEncoding(nn.Module):
         """The backend a call on ``device`` uses; raises when the requested one cannot run there."""
         tcnn_ok = device.type == "cuda" and self.convention == "tcnn" and self.params.dtype == torch.float32
         cpp_ok = (
-            device.type == "cpu"
-            and self.params.dtype in (torch.float32, torch.float64)
-            and cpp_extension_available()
+            device.type == "cpu" and self.params.dtype in (torch.float32, torch.float64) and cpp_extension_available()
         )
         if self.backend == "auto":
             if tcnn_ok and tcnn_available():
                 return "tcnn"
             return "cpp" if cpp_ok else "torch"
         if self.backend == "tcnn" and not (tcnn_ok and tcnn_available()):
-            raise RuntimeError(
-                "backend='tcnn' needs tinycudann, CUDA tensors, float32 params and convention='tcnn'"
-            )
+            raise RuntimeError("backend='tcnn' needs tinycudann, CUDA tensors, float32 params and convention='tcnn'")
         if self.backend == "cpp" and not cpp_ok:
             raise RuntimeError(
                 "backend='cpp' needs CPU float32/float64 tensors and the built extension "
@@ -333,7 +332,7 @@ class HashGridEncoding(nn.Module):
         return encoding(positions)
 
     @classmethod
-    def from_nerfstudio(cls, encoding: nn.Module, backend: Backend = "auto") -> "HashGridEncoding":
+    def from_nerfstudio(cls, encoding: nn.Module, backend: Backend = "auto") -> HashGridEncoding:
         """Copy of a nerfstudio ``HashEncoding``: its torch ``hash_table``, or its tcnn params when it used tcnn."""
         tcnn_encoding = getattr(encoding, "tcnn_encoding", None)
         ours = cls(
@@ -366,13 +365,13 @@ class HashGridAdam(torch.optim.Optimizer):
     untouched ones keep value and moments. Why: dense Adam over a 2^19-per-level table costs more than the
     encoding itself on CPU. The pass zeroes the gradient as it reads it and hands the buffer back to the next
     ``HashGridEncoding`` backward (no table-sized allocation and memset per step), so ``param.grad`` is None
-    after ``step()``.
+    after ``step()``; do not keep references to a gradient across ``step()``, its buffer is reused.
     """
 
     def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-15) -> None:
         if lr < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or eps < 0:
             raise ValueError(f"HashGridAdam: invalid lr={lr}, betas={betas} or eps={eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -408,7 +407,9 @@ class HashGridAdam(torch.optim.Optimizer):
                         param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"]
                     )
                 else:
-                    _torch_sparse_adam_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"])
+                    _torch_sparse_adam_step(
+                        param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"]
+                    )
                 _spare_grad_buffers[param] = grad
                 param.grad = None
         return loss

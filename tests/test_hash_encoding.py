@@ -39,7 +39,11 @@ def _test_points(scales: list[float], seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     random = torch.rand(200, 3, generator=generator)
     faces = torch.tensor(list(itertools.product([0.0, 0.25, 0.5, 0.75, 1.0], repeat=3)))  # on cell boundaries too
-    boundaries = [torch.tensor([[k / s, (k + 1) / s, 0.25] for k in range(0, int(s), max(1, int(s) // 5))]) for s in scales if s > 0]
+    boundaries = [
+        torch.tensor([[k / s, (k + 1) / s, 0.25] for k in range(0, int(s), max(1, int(s) // 5))])
+        for s in scales
+        if s > 0
+    ]
     return torch.cat([random, faces, *boundaries]).clamp(0, 1).to(torch.float32)
 
 
@@ -72,15 +76,21 @@ def test_nerfstudio_table_layout_round_trip() -> None:
 # ---------------------------------------------------------------- tiny-cuda-nn convention vs a per-point reference
 
 
-def _reference_levels(num_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float) -> list[dict]:
+def _reference_levels(
+    num_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float
+) -> list[dict]:
     """tiny-cuda-nn GridEncodingTemplated, transcribed: float32 scale, vertex resolution, padded level sizes."""
     levels, offset = [], 0
     log2_scale = np.float32(np.log2(np.float32(per_level_scale)))
     for level in range(num_levels):
-        scale = np.float32(np.float32(np.exp2(np.float32(level) * log2_scale)) * np.float32(base_resolution) - np.float32(1))
+        scale = np.float32(
+            np.float32(np.exp2(np.float32(level) * log2_scale)) * np.float32(base_resolution) - np.float32(1)
+        )
         resolution = int(np.ceil(scale)) + 1
         size = min((resolution**3 + 7) // 8 * 8, 2**log2_hashmap_size)
-        levels.append(dict(scale=scale, resolution=resolution, size=size, offset=offset, dense=resolution**3 <= size))
+        levels.append(
+            {"scale": scale, "resolution": resolution, "size": size, "offset": offset, "dense": resolution**3 <= size}
+        )
         offset += size
     return levels
 
@@ -99,7 +109,9 @@ def _reference_corners(point: np.ndarray, levels: list[dict]):
                 raw = x + y * r + z * r * r
             else:
                 raw = (x * PRIMES[0]) ^ (y * PRIMES[1]) ^ (z * PRIMES[2])
-            weight = (frac[0] if dx else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1]) * (frac[2] if dz else 1 - frac[2])
+            weight = (
+                (frac[0] if dx else 1 - frac[0]) * (frac[1] if dy else 1 - frac[1]) * (frac[2] if dz else 1 - frac[2])
+            )
             yield l, level["offset"] + (raw & 0xFFFFFFFF) % level["size"], weight
 
 
@@ -131,8 +143,12 @@ def test_tcnn_level_layout_matches_the_hand_computed_one() -> None:
     assert geometry.table_offsets == (0, 4096, 36864, 299008, 823296)
     assert encoder.params.numel() == (299008 + 2 * 2**19) * 2
     assert encoder.tcnn_config() == {
-        "otype": "HashGrid", "n_levels": 5, "n_features_per_level": 2, "log2_hashmap_size": 19,
-        "base_resolution": 16, "per_level_scale": 2.0,
+        "otype": "HashGrid",
+        "n_levels": 5,
+        "n_features_per_level": 2,
+        "log2_hashmap_size": 19,
+        "base_resolution": 16,
+        "per_level_scale": 2.0,
     }
 
 
@@ -141,7 +157,11 @@ def test_tcnn_level_layout_matches_the_hand_computed_one() -> None:
 def test_tcnn_convention_matches_per_point_reference(backend: str, features: int) -> None:
     # Levels 0-2 dense (one with padded size, one wrapping at the upper face), 3-4 hashed.
     encoder = HashGridEncoding(
-        num_levels=5, features_per_level=features, log2_hashmap_size=11, base_resolution=3, per_level_scale=1.9,
+        num_levels=5,
+        features_per_level=features,
+        log2_hashmap_size=11,
+        base_resolution=3,
+        per_level_scale=1.9,
         backend=backend,
     )
     with torch.no_grad():
@@ -158,23 +178,40 @@ def test_tcnn_convention_matches_per_point_reference(backend: str, features: int
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tcnn_convention_table_gradient_matches_reference(backend: str) -> None:
-    encoder = HashGridEncoding(num_levels=5, features_per_level=2, log2_hashmap_size=11, base_resolution=3,
-                               per_level_scale=1.9, backend=backend)
+    encoder = HashGridEncoding(
+        num_levels=5,
+        features_per_level=2,
+        log2_hashmap_size=11,
+        base_resolution=3,
+        per_level_scale=1.9,
+        backend=backend,
+    )
     levels = _reference_levels(5, 11, 3, 1.9)
     points = _test_points([float(lv["scale"]) for lv in levels])
     upstream = torch.randn(points.shape[0], encoder.get_out_dim(), generator=torch.Generator().manual_seed(2))
     (encoder(points) * upstream).sum().backward()
-    expected = _reference_table_gradient(points.numpy(), upstream.double().numpy(), levels, (encoder.params.numel() // 2, 2))
-    torch.testing.assert_close(encoder.params.grad.double().view(-1, 2), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    expected = _reference_table_gradient(
+        points.numpy(), upstream.double().numpy(), levels, (encoder.params.numel() // 2, 2)
+    )
+    torch.testing.assert_close(
+        encoder.params.grad.double().view(-1, 2), torch.from_numpy(expected), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("convention", ["tcnn", "nerfstudio"])
 def test_gradcheck_float64(backend: str, convention: str) -> None:
-    encoder = HashGridEncoding(num_levels=3, features_per_level=2, log2_hashmap_size=6, base_resolution=3,
-                               max_resolution=9, convention=convention, backend=backend).double()
+    encoder = HashGridEncoding(
+        num_levels=3,
+        features_per_level=2,
+        log2_hashmap_size=6,
+        base_resolution=3,
+        max_resolution=9,
+        convention=convention,
+        backend=backend,
+    ).double()
     params = torch.randn(encoder.params.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    points = (0.05 + 0.9 * torch.rand(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    points = 0.05 + 0.9 * torch.rand(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def encode(positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(encoder, {"params": table}, (positions,))
@@ -186,10 +223,24 @@ def test_gradcheck_float64(backend: str, convention: str) -> None:
 @pytest.mark.parametrize("convention", ["tcnn", "nerfstudio"])
 @pytest.mark.parametrize("features", [1, 2, 4, 8])
 def test_torch_fallback_equals_cpp(convention: str, features: int) -> None:
-    cpp = HashGridEncoding(num_levels=6, features_per_level=features, log2_hashmap_size=12, base_resolution=4,
-                           max_resolution=64, convention=convention, backend="cpp")
-    fallback = HashGridEncoding(num_levels=6, features_per_level=features, log2_hashmap_size=12, base_resolution=4,
-                                max_resolution=64, convention=convention, backend="torch")
+    cpp = HashGridEncoding(
+        num_levels=6,
+        features_per_level=features,
+        log2_hashmap_size=12,
+        base_resolution=4,
+        max_resolution=64,
+        convention=convention,
+        backend="cpp",
+    )
+    fallback = HashGridEncoding(
+        num_levels=6,
+        features_per_level=features,
+        log2_hashmap_size=12,
+        base_resolution=4,
+        max_resolution=64,
+        convention=convention,
+        backend="torch",
+    )
     with torch.no_grad():
         cpp.params.normal_(generator=torch.Generator().manual_seed(0))
     fallback.load_state_dict(cpp.state_dict())
@@ -206,7 +257,9 @@ def test_torch_fallback_equals_cpp(convention: str, features: int) -> None:
     torch.testing.assert_close(encoded, encoded_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(table_grad, table_grad_ref, rtol=1e-5, atol=1e-5)
     # Position gradients are scale * differences of O(1) features summed over levels: float32 cancellation.
-    torch.testing.assert_close(position_grad, position_grad_ref, rtol=1e-4, atol=1e-4 * position_grad_ref.abs().max().item())
+    torch.testing.assert_close(
+        position_grad, position_grad_ref, rtol=1e-4, atol=1e-4 * position_grad_ref.abs().max().item()
+    )
 
 
 def test_batch_shape_and_input_errors() -> None:
@@ -227,9 +280,9 @@ def test_batch_shape_and_input_errors() -> None:
 # ---------------------------------------------------------------------------------------------- HashGridAdam
 
 
-@pytest.mark.parametrize("device_path", [pytest.param("cpp", marks=requires_cpp), "torch"])
-def test_hash_grid_adam_follows_sparse_adam(device_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if device_path == "torch":
+@pytest.mark.parametrize("implementation", [pytest.param("cpp", marks=requires_cpp), "torch"])
+def test_hash_grid_adam_follows_sparse_adam(implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if implementation == "torch":
         monkeypatch.setattr("gridinr_nerfstudio.hash_encoding._cpp", None)
     generator = torch.Generator().manual_seed(0)
     initial = torch.randn(1000, generator=generator)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from nerfstudio.field_components.encodings import HashEncoding
@@ -71,7 +71,10 @@ def _forward_backward(encoder: torch.nn.Module, positions: torch.Tensor, upstrea
 
 
 def _training_step_ms(
-    encoder: HashGridEncoding, optimizer: torch.optim.Optimizer, positions: torch.Tensor, upstream: torch.Tensor,
+    encoder: HashGridEncoding,
+    optimizer: torch.optim.Optimizer,
+    positions: torch.Tensor,
+    upstream: torch.Tensor,
     repeats: int,
 ) -> dict[str, float]:
     """Median milliseconds of forward, backward and optimizer step of a training step (after one warm-up step)."""
@@ -143,7 +146,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(f"{'':18s}{'fwd M points/s':>16s}{'fwd+bwd M points/s':>20s}")
     for name in ("ours", "nerfstudio_torch"):
-        print(f"{name:18s}{result[name]['fwd_points_per_s'] / 1e6:16.3f}{result[name]['fwd_bwd_points_per_s'] / 1e6:20.3f}")
+        print(
+            f"{name:18s}{result[name]['fwd_points_per_s'] / 1e6:16.3f}{result[name]['fwd_bwd_points_per_s'] / 1e6:20.3f}"
+        )
     print(f"{'ratio':18s}{result['ratio']['fwd']:15.1f}x{result['ratio']['fwd_bwd']:19.1f}x")
 
     params = [ours.params]
@@ -153,7 +158,8 @@ def run(args: argparse.Namespace) -> dict:
         "hash_grid_adam": HashGridAdam(params, lr=1e-2, eps=1e-15),  # backward reuses the buffer it hands back
     }
     result["training_step_ms"] = {
-        name: _training_step_ms(ours, optimizer, positions, upstream, args.repeats) for name, optimizer in optimizers.items()
+        name: _training_step_ms(ours, optimizer, positions, upstream, args.repeats)
+        for name, optimizer in optimizers.items()
     }
     print("one training step of ours (fresh gradient buffer each step, except hash_grid_adam), ms (median):")
     print(f"{'':18s}" + "".join(f"{part:>10s}" for part in ("forward", "backward", "step", "total")))

@@ -370,10 +370,11 @@ void check_inputs(const torch::Tensor& positions, const torch::Tensor& params, c
               "hash_grid: features per level must be 1, 2, 4 or 8");
   int64_t entries = 0;
   for (const auto& lv : unpack_levels<double>(scales, level_info)) {
-    entries = std::max(entries, lv.table_offset + static_cast<int64_t>(lv.table_size));
+    TORCH_CHECK(lv.table_offset == entries, "hash_grid: level slices must tile the table in level order");
+    entries += lv.table_size;
   }
-  TORCH_CHECK(params.dim() == 1 && params.numel() >= entries * features,
-              "hash_grid: params must be a flat tensor with at least ", entries * features, " values");
+  TORCH_CHECK(params.dim() == 1 && params.numel() == entries * features,
+              "hash_grid: params must be a flat tensor of ", entries * features, " values");
 }
 
 void check_grad_out(const torch::Tensor& grad_out, const torch::Tensor& positions, const torch::Tensor& params,
@@ -462,7 +463,7 @@ void sparse_adam_step(torch::Tensor& param, torch::Tensor& grad, torch::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU/OpenMP kernels of the multi-resolution hash-grid encoding";
   m.def("forward", &forward, "Encode (N, 3) positions into (N, levels * features) features");
-  m.def("backward_params", &backward_params, "Accumulate the table gradient into grad_params (in place)");
+  m.def("backward_params", &backward_params, "Add the table gradient into grad_params (in place)");
   m.def("backward_positions", &backward_positions, "Gradient of the loss w.r.t. the (N, 3) positions");
   m.def("sparse_adam_step", &sparse_adam_step, "Lazy (SparseAdam-rule) Adam step on a dense gradient; zeroes the consumed gradient");
 }
