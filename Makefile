@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install bench clean-venv
+.PHONY: demo test install bench clean-venv browser-deps
 
 $(STAMP): pyproject.toml setup.py $(wildcard gridinr_nerfstudio/csrc/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m gridinr_nerfstudio.demo --output-dir demo_output
 
-test: $(STAMP)
+# Headless Chromium for tests/test_viewer.py (skipped without it): best effort, never fails.
+browser-deps:
+	command -v chromium >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || true)
+
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -15,7 +15,8 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, List, Literal, Tuple
+from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def path_cameras(path: PathKind, frames: int, image_size: int, radius: float, el
     return pinhole_cameras(look_at(eyes), image_size, fov_degrees)
 
 
-def render_outputs(model, cameras, kind: OutputKind) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def render_outputs(model, cameras, kind: OutputKind) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(value (H, W, C), accumulation (H, W, 1)) per camera.
 
     For normals, the model's `compute_normals` is on while frames are drawn (restored when the frames run out
@@ -84,7 +85,7 @@ def render_outputs(model, cameras, kind: OutputKind) -> Iterator[Tuple[np.ndarra
         model.config.compute_normals = compute_normals
 
 
-def depth_range(depths: List[np.ndarray], accumulations: List[np.ndarray]) -> Tuple[float, float]:
+def depth_range(depths: list[np.ndarray], accumulations: list[np.ndarray]) -> tuple[float, float]:
     """Near and far depth of the whole video, over pixels that show at least 5% of the volume."""
     depth, accumulation = np.concatenate([d.ravel() for d in depths]), np.concatenate([a.ravel() for a in accumulations])
     visible = depth[accumulation >= 0.05]
@@ -127,19 +128,21 @@ def write_frames(frames: Iterable[np.ndarray], output: Path, fps: float) -> int:
     if suffix == "":
         output.mkdir(parents=True, exist_ok=True)
         count = 0
-        for count, frame in enumerate(frames, start=1):
-            imageio.imwrite(output / f"frame_{count - 1:05d}.png", frame)
+        for frame in frames:
+            imageio.imwrite(output / f"frame_{count:05d}.png", frame)
+            count += 1
         return count
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":
         stack = np.stack(list(frames))
         imageio.imwrite(output, stack, plugin="pillow", duration=1000.0 / fps, loop=0)
         return len(stack)
-    # macro_block_size=2: any even size passes unchanged (yuv420p needs even sides), odd sizes are padded up.
+    # macro_block_size=2: even sizes pass unchanged (yuv420p needs even sides); odd ones are scaled up by a pixel.
     with imageio_v2.get_writer(output, format="FFMPEG", mode="I", fps=fps, macro_block_size=2) as writer:
         count = 0
-        for count, frame in enumerate(frames, start=1):
+        for frame in frames:
             writer.append_data(frame)
+            count += 1
     return count
 
 

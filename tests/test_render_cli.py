@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 import imageio.v3 as imageio
 import matplotlib

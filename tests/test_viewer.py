@@ -21,9 +21,9 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator
 
 import imageio.v3 as imageio
 import numpy as np
@@ -170,9 +170,11 @@ def headless_chromium(profile: Path) -> Iterator[int]:
         pytest.skip("Chromium is not installed (make browser-deps, or apt-get install chromium)")
     profile.mkdir(parents=True)
     log = profile.parent / "chromium.log"
+    # --enable-unsafe-swiftshader keeps WebGL on the CPU (SwiftShader) where Chromium stops falling back to it itself.
     command = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
-               "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"]
+               "--disable-quic", "--no-first-run", "--disable-breakpad", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+               "--remote-debugging-port=0", "about:blank"]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
     try:
