@@ -18,10 +18,9 @@ from rich.console import Console
 from nerfstudio.cameras.cameras import Cameras
 
 from gridinr_nerfstudio.camera_render import camera_rays, render_image
-from gridinr_nerfstudio.rendering import DenseGridField
 from gridinr_nerfstudio.transfer_mlp import TransferMLP, fit_to_transfer_function
 from gridinr_nerfstudio.volume_dataparser import voxel_size_world
-from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings, decode_field_cache
+from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.volume_render_model import VolumeRenderModel, VolumeRenderModelConfig
 
 CONSOLE = Console(width=120)
@@ -36,9 +35,6 @@ class GridINREditModelConfig(VolumeRenderModelConfig):
     """Field sizes (copied from the stage-1 config by the pipeline)."""
     stage1_checkpoint: Optional[Path] = None
     """Stage-1 checkpoint whose field is frozen (found from --pipeline.stage1-config by the pipeline)."""
-    field_cache_resolution: int = 0
-    """Decode the frozen field onto a grid of this many voxels along the longest axis (0: the volume's own
-    resolution, capped at 256; -1: no cache, every sample evaluates the hash grid)."""
     hidden_dim: int = 128
     """Width of the transfer MLP."""
     num_layers: int = 3
@@ -88,8 +84,7 @@ class GridINREditModel(VolumeRenderModel):
         if self.config.warm_start:
             error = fit_to_transfer_function(self.transfer_mlp, baseline)
             CONSOLE.print(f"Transfer MLP warm-started from the baseline transfer function (error {error:.2e})")
-        # Plain attributes, not submodules: neither the decoded cache nor CLIP belongs in checkpoints.
-        self.__dict__["field_cache"] = None
+        # A plain attribute, not a submodule: CLIP does not belong in checkpoints.
         self.__dict__["clip_loss"] = None  # set by the pipeline when lam_clip > 0 (needs CLIP weights)
 
     def train(self, mode: bool = True):
@@ -97,39 +92,9 @@ class GridINREditModel(VolumeRenderModel):
         self.field.eval()  # frozen: stays in eval mode while the transfer MLP trains
         return self
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self.__dict__["field_cache"] = None  # decoded again from the loaded field
-        return result
-
-    @torch.no_grad()
-    def frozen_values(self) -> torch.nn.Module:
-        """World points -> field values: the field cache (decoded once) or the frozen field itself."""
-        if self.config.field_cache_resolution < 0:
-            return self.field
-        if self.field_cache is None:
-            self.__dict__["field_cache"] = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution)
-        return self.field_cache
-
-    def value_fn(self):
-        values_at = self.frozen_values()
-
-        def values(points: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return values_at(points).clamp(0.0, 1.0)
-
-        return values
-
     def color_fn(self):
         """The transfer MLP as a table: one MLP pass per render, samples interpolate the table."""
         return self.transfer_mlp.tabulated(invisible_sigma=1e-3 / voxel_size_world(self.volume))
-
-    def occupancy_source(self) -> torch.Tensor:
-        """The decoded field cache (what is rendered), or the raw voxels when the cache is off."""
-        cache = self.frozen_values()
-        if isinstance(cache, DenseGridField):
-            return cache.volume
-        return torch.from_numpy(self.volume.normalized_array())
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         return {"transfer_mlp": list(self.transfer_mlp.parameters())}

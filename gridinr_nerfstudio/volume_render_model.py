@@ -19,14 +19,16 @@ from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.base_model import Model, ModelConfig
 
 from gridinr_nerfstudio.camera_render import SampleFn, render_image
 from gridinr_nerfstudio.image_metrics import ImageMetrics
 from gridinr_nerfstudio.render_settings import RenderSettings
-from gridinr_nerfstudio.rendering import OccupancyGrid, ValueFn, estimate_normals, render_rays
+from gridinr_nerfstudio.rendering import DenseGridField, OccupancyGrid, ValueFn, estimate_normals, render_rays
 from gridinr_nerfstudio.viewer_controls import add_render_controls
 from gridinr_nerfstudio.volume_dataparser import voxel_size_world
+from gridinr_nerfstudio.volume_field import decode_field_cache
 
 ColorFn = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,6 +46,11 @@ class VolumeRenderModelConfig(ModelConfig):
     """Empty-space skipping and early ray termination for whole-image renders (viewer, eval, videos)."""
     occupancy_resolution: int = 32
     """Macrocells per axis of the empty-space-skipping grid."""
+    field_cache_resolution: int = 0
+    """Whole-image renders (viewer, eval, videos) read the field decoded onto a grid with this many voxels along
+    the longest axis (0: the volume's own resolution, capped at 256; -1: evaluate the INR at every sample)."""
+    field_cache_refresh_steps: int = 100
+    """While the field trains (stage 1), decode it again when a render comes this many steps after the last decode."""
     compute_normals: bool = False
     """Also output `normals` (gradient of the field) when shading is off; costs 6 field lookups per visible sample."""
     lpips_net: str = "alex"
@@ -56,6 +63,9 @@ class VolumeRenderModel(Model):
     """Base model: renders rays through `sample_fn()`; subclasses define the field and the losses."""
 
     config: VolumeRenderModelConfig
+    field: torch.nn.Module
+    field_trains: bool = False
+    """True when the optimizer changes `field` (stage 1): the field cache then goes stale as training proceeds."""
 
     def populate_modules(self):
         super().populate_modules()
@@ -63,7 +73,10 @@ class VolumeRenderModel(Model):
         self.render_settings: RenderSettings = copy.deepcopy(self.kwargs["metadata"]["render_settings"])
         self.register_buffer("aabb", self.scene_box.aabb.clone().float(), persistent=False)
         self._transfer_function_cache: Tuple[str, torch.nn.Module] | None = None
-        self.__dict__["occupancy_grid"] = None  # built on first accelerated render; not part of checkpoints
+        # Built on first use and not part of checkpoints: the decoded field and its empty-space macrocells.
+        self.__dict__["field_cache"] = None
+        self.__dict__["occupancy_grid"] = None
+        self.field_version, self.cache_version = 0, -1
         add_render_controls(self)
         # Built lazily and kept out of the module tree: LPIPS weights are never part of our checkpoints.
         self.__dict__["image_metrics"] = ImageMetrics(
@@ -78,17 +91,54 @@ class VolumeRenderModel(Model):
             self._transfer_function_cache = (key, tf)
         return self._transfer_function_cache[1]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.invalidate_field_cache()
+        return result
+
+    def invalidate_field_cache(self) -> None:
+        """Forget the decoded field (and its macrocells): the next render decodes the current field."""
+        self.__dict__["field_cache"] = None
+        self.__dict__["occupancy_grid"] = None
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        def advance(step: int) -> None:
+            self.field_version = step
+
+        return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], advance)] if self.field_trains else []
+
+    @torch.no_grad()
+    def cached_field(self) -> Optional[DenseGridField]:
+        """The field decoded onto a grid (refreshed when stale), or None when the cache is off."""
+        if self.config.field_cache_resolution < 0:
+            return None
+        stale = self.field_version - self.cache_version >= self.config.field_cache_refresh_steps
+        if self.field_cache is None or stale:
+            was_training = self.field.training
+            self.field.eval()
+            cache = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution)
+            self.field.train(was_training)
+            self.invalidate_field_cache()
+            self.__dict__["field_cache"] = cache
+            self.cache_version = self.field_version
+        return self.field_cache
+
     def value_fn(self) -> ValueFn:
-        """World points (M, 3) -> normalised values (M,) of the field being shown."""
-        raise NotImplementedError
+        """World points (M, 3) -> normalised values (M,): the field cache when on, else the INR itself."""
+        cache = self.cached_field()
+        if cache is not None:
+            return lambda points: cache(points).clamp(0.0, 1.0)
+        return lambda points: self.field(points).clamp(0.0, 1.0)
 
     def color_fn(self) -> ColorFn:
         """Values (M,) -> (rgb (M, 3), sigma (M,)): the transfer function."""
         raise NotImplementedError
 
     def occupancy_source(self) -> torch.Tensor:
-        """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping)."""
-        raise NotImplementedError
+        """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping):
+        the field cache when on (exact for what is rendered), else the raw voxels the field approximates."""
+        cache = self.cached_field()
+        return cache.volume if cache is not None else torch.from_numpy(self.volume.normalized_array())
 
     def sample_fn(self) -> SampleFn:
         """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""

@@ -16,12 +16,13 @@ def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None
     dataparser.num_train_views = 4
     dataparser.num_eval_views = 2
     dataparser.image_size = image_size
-    dataparser.render.num_samples = 32
+    dataparser.render.num_samples = 64
     dataparser.cache_dir = cache_dir
 
 
-def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: int = 60, **dataparser_overrides) -> Path:
-    """Train a small gridinr-fit run; returns its config.yml."""
+def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: int = 60, image_size: int = 32,
+                   full_field: bool = False, preset: Optional[str] = None, **dataparser_overrides) -> Path:
+    """Train a small gridinr-fit run (tiny field unless `full_field`); returns its config.yml."""
     config = fit_trainer_config()
     config.output_dir = output_dir
     config.timestamp = "tiny"
@@ -32,12 +33,14 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
     config.steps_per_eval_all_images = iterations + 1
     config.steps_per_save = iterations
     config.pipeline.datamanager.dataparser.data = data
-    shrink_dataparser(config.pipeline.datamanager.dataparser, output_dir / "references")
+    shrink_dataparser(config.pipeline.datamanager.dataparser, output_dir / "references", image_size)
+    config.pipeline.datamanager.dataparser.render.preset = preset
     for key, value in dataparser_overrides.items():
         setattr(config.pipeline.datamanager.dataparser, key, value)
-    config.pipeline.datamanager.batch_size = 1 << 12
-    field = config.pipeline.model.field
-    field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
+    config.pipeline.datamanager.batch_size = 1 << 14 if full_field else 1 << 12
+    if not full_field:
+        field = config.pipeline.model.field
+        field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
     ns_train_main(config)
     return config.get_base_dir() / "config.yml"
 

@@ -3,7 +3,8 @@
 Contenders, all with the run's transfer function and samples per ray, on the first `--views` eval cameras:
 
 - ``field``: the hash-grid INR evaluated at every sample (plain ray marcher);
-- ``field_accelerated``: the INR with early ray termination and empty-space skipping (min/max macrocells);
+- ``field_accelerated``: the INR with early ray termination and empty-space skipping (min/max macrocells of
+  the raw voxels, which the field approximates, combined with the transfer function);
 - ``field_cache``: the INR decoded once onto a grid at the volume's resolution (decode time reported
   separately), then rendered like the raw voxels;
 - ``raw_volume``: the reference renderer on the raw voxels (trilinear), as the reference images were made.
@@ -24,7 +25,7 @@ from nerfstudio.utils.eval_utils import eval_setup
 
 from gridinr_nerfstudio.camera_render import camera_rays, render_image
 from gridinr_nerfstudio.image_metrics import ImageMetrics
-from gridinr_nerfstudio.rendering import DenseGridField
+from gridinr_nerfstudio.rendering import DenseGridField, OccupancyGrid
 from gridinr_nerfstudio.volume_field import decode_field_cache
 
 
@@ -50,16 +51,19 @@ def run(args: argparse.Namespace) -> dict:
     decode_seconds = time.perf_counter() - started
     raw = DenseGridField(torch.from_numpy(model.volume.normalized_array()), model.aabb[1].cpu()).to(device)
     color = model.color_fn()
-    field_values = model.value_fn()
-    plain = model.render_kwargs(accelerate=False)
-    accelerated = model.render_kwargs(accelerate=True)
-    reference_kwargs = {key: plain[key] for key in ("num_samples", "background")}
+    resolution = model.config.occupancy_resolution
+    raw_cells = OccupancyGrid.from_volume(raw.volume, raw.half_size, resolution).update(color)
+    cache_cells = OccupancyGrid.from_volume(cache.volume, cache.half_size, resolution).update(color)
+    plain = {"num_samples": model.render_settings.num_samples, "background": model.render_kwargs()["background"]}
 
-    contenders = {
-        "field": (lambda p: color(field_values(p)), plain),
-        "field_accelerated": (lambda p: color(field_values(p)), accelerated),
-        "field_cache": (lambda p: color(cache(p).clamp(0, 1)), {**accelerated, "occupancy_grid": model.occupancy(color)}),
-        "raw_volume": (lambda p: color(raw(p)), reference_kwargs),
+    def field_values(points: torch.Tensor) -> torch.Tensor:
+        return model.field(points).clamp(0, 1)
+
+    contenders = {  # (sample function, ray-marching options)
+        "field": (lambda p: color(field_values(p)), {**plain, "early_stop_eps": 0.0}),
+        "field_accelerated": (lambda p: color(field_values(p)), {**plain, "occupancy_grid": raw_cells}),
+        "field_cache": (lambda p: color(cache(p).clamp(0, 1)), {**plain, "occupancy_grid": cache_cells}),
+        "raw_volume": (lambda p: color(raw(p)), plain),  # as the reference images are rendered
     }
     metrics = ImageMetrics(device=device)
     seconds = {name: 0.0 for name in contenders}
