@@ -122,9 +122,9 @@ def test_image_target_pulls_renders_towards_it(tiny_fit_run, tiny_clip, tmp_path
         return float(-10 * torch.log10(((image - target) ** 2).mean()))
 
     before = psnr_to_target()
-    train_steps(pipeline, 30, lr=1e-2)
+    train_steps(pipeline, 60, lr=2e-2)
     after = psnr_to_target()
-    assert after > before + 0.5, (before, after)
+    assert after > before + 1.0, (before, after)
 
 
 def test_training_with_clip_needs_weights(tiny_fit_run):
