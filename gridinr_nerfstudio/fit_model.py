@@ -35,20 +35,14 @@ class GridINRFitModel(VolumeRenderModel):
     """Stage 1: fit the field; render it with the default transfer function."""
 
     config: GridINRFitModelConfig
+    field_trains = True
 
     def populate_modules(self):
         super().populate_modules()
         self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
 
-    def value_fn(self):
-        return lambda points: self.field(points).clamp(0.0, 1.0)
-
     def color_fn(self):
         return self.transfer_function()
-
-    def occupancy_source(self) -> torch.Tensor:
-        """The raw voxels: the field approximates them, and they are what the reference renderings show."""
-        return torch.from_numpy(self.volume.normalized_array())
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         return {"encoding": list(self.field.encoding.parameters()), "mlp": list(self.field.mlp.parameters())}
