@@ -1,9 +1,16 @@
 """``gridinr-bench fit``: our gridinr-fit field vs the same model on nerfstudio's torch HashEncoding, equal time.
 
-Both contenders get the same volume, point sampler, levels, features, table size, MLP, optimizers and
-learning-rate schedule (decaying over the time budget). Steps alternate between them and each clock counts
-only its own steps, so load from other processes hits both alike. Volume PSNR is measured afterwards at
-native resolution over every voxel (not part of the budget).
+Defaults are those of ``ns-train gridinr-fit`` (method_specs.fit_trainer_config: field sizes, batch size, point
+sampling, optimizers, learning rate and its final value), so the benchmark measures what the method trains; every
+option overrides one of them. Both contenders get the same volume, the same sequence of training batches (each its
+own sampler with the same seed), levels, features, table size, MLP, optimizers (built from the method's optimizer
+configs) and a learning rate decaying log-linearly over the time budget instead of over iterations. Steps alternate
+between them (whoever is behind in its own time goes next) and each clock counts only its own steps, so load from
+other processes hits both alike. Volume PSNR is measured at native resolution over every voxel, outside the clocks:
+at the end, and at the optional ``--curve`` times.
+
+``--threads`` defaults to 1: on a 2-core machine shared with other work, a second OpenMP/ATen thread is often
+descheduled and every parallel region then waits for it (measured 10x slower steps with 2 threads there).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from nerfstudio.field_components.mlp import MLP
 from torch import nn
 
 from gridinr_nerfstudio.fit_model import volume_psnr
-from gridinr_nerfstudio.hash_encoding import HashGridAdam
+from gridinr_nerfstudio.method_specs import fit_trainer_config
+from gridinr_nerfstudio.trainer_config import GridINRTrainerConfig
 from gridinr_nerfstudio.volume_datamanager import VolumePointSampler
 from gridinr_nerfstudio.volume_dataparser import BUILTIN_DEFAULT, scene_aabb
 from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
@@ -28,7 +36,9 @@ from gridinr_nerfstudio.volume_io import open_volume
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    defaults = VolumeFieldSettings()
+    method = fit_trainer_config()
+    field = method.pipeline.model.field
+    datamanager = method.pipeline.datamanager
     parser = subparsers.add_parser(
         "fit",
         help="stage-1 fitting at equal wall time, ours vs nerfstudio torch HashEncoding",
@@ -37,14 +47,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, default=BUILTIN_DEFAULT, help="volume (default: the built-in one)")
     parser.add_argument("--seconds", type=float, default=60.0, help="training wall time per contender")
-    parser.add_argument("--batch", type=int, default=1 << 16, help="points per step")
-    parser.add_argument("--levels", type=int, default=defaults.num_levels)
-    parser.add_argument("--features", type=int, default=defaults.features_per_level)
-    parser.add_argument("--log2-table", type=int, default=defaults.log2_hashmap_size)
-    parser.add_argument("--base-resolution", type=int, default=defaults.base_resolution)
-    parser.add_argument("--max-resolution", type=int, default=defaults.max_resolution)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--lr-final", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=datamanager.batch_size, help="points per step")
+    parser.add_argument("--sampling", choices=("voxels", "continuous"), default=datamanager.sampling,
+                        help="training positions (see volume_datamanager)")
+    parser.add_argument("--levels", type=int, default=field.num_levels)
+    parser.add_argument("--features", type=int, default=field.features_per_level)
+    parser.add_argument("--log2-table", type=int, default=field.log2_hashmap_size)
+    parser.add_argument("--base-resolution", type=int, default=field.base_resolution)
+    parser.add_argument("--max-resolution", type=int, default=field.max_resolution)
+    parser.add_argument("--hidden-dim", type=int, default=field.hidden_dim)
+    parser.add_argument("--hidden-layers", type=int, default=field.num_hidden_layers)
+    parser.add_argument("--lr", type=float, default=None, help="initial learning rate of both optimizers "
+                        "(default: the method's, per optimizer)")
+    parser.add_argument("--lr-final", type=float, default=None, help="learning rate at the end of the budget "
+                        "(default: the method's scheduler)")
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch's default)")
+    parser.add_argument("--curve", default="", help="comma-separated training times (s) at which to also measure "
+                        "volume PSNR, e.g. 15,30")
     parser.add_argument("--contenders", default="ours,nerfstudio_torch", help="comma-separated subset to run")
     return parser
 
@@ -76,23 +95,29 @@ class NerfstudioBaseline(nn.Module):
 
 
 class Contender:
-    """One model with its optimizers and its own clock."""
+    """One model with the method's optimizers, its own batches and its own clock."""
 
-    def __init__(self, name: str, model: nn.Module, lr: float):
+    def __init__(self, name: str, model: nn.Module, method: GridINRTrainerConfig, lr_finals: dict[str, float],
+                 sampler: VolumePointSampler, aabb: torch.Tensor):
         self.name = name
         self.model = model
-        self.optimizers = [
-            HashGridAdam(model.encoding.parameters(), lr=lr, eps=1e-15),
-            torch.optim.Adam(model.mlp.parameters(), lr=lr, eps=1e-15),
-        ]
+        self.sampler = sampler
+        self.aabb = aabb
+        groups = {"encoding": model.encoding.parameters(), "mlp": model.mlp.parameters()}
+        self.optimizers = [method.optimizers[group]["optimizer"].setup(params) for group, params in groups.items()]
+        self.lr_ranges = [(method.optimizers[group]["optimizer"].lr, lr_finals[group]) for group in groups]
         self.seconds = 0.0
         self.iterations = 0
+        self.curve: dict[str, float] = {}
 
-    def step(self, unit: torch.Tensor, targets: torch.Tensor, lr: float) -> None:
+    def step(self, batch_size: int, progress: float) -> None:
+        """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress."""
         started = time.perf_counter()
-        for optimizer in self.optimizers:
+        points, targets = self.sampler.batch(batch_size, self.iterations)
+        unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+        for optimizer, (lr_init, lr_final) in zip(self.optimizers, self.lr_ranges):
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_init * (lr_final / lr_init) ** progress
         loss = (self.model.forward_unit(unit) - targets).square().mean()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -104,37 +129,52 @@ class Contender:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     volume = open_volume(None if args.data == BUILTIN_DEFAULT else args.data)
     aabb = scene_aabb(volume)
+    method = fit_trainer_config()
     settings = VolumeFieldSettings(
         num_levels=args.levels,
         features_per_level=args.features,
         log2_hashmap_size=args.log2_table,
         base_resolution=args.base_resolution,
         max_resolution=args.max_resolution,
+        hidden_dim=args.hidden_dim,
+        num_hidden_layers=args.hidden_layers,
     )
+    lr_finals = {}
+    for name, group in method.optimizers.items():
+        if args.lr is not None:
+            group["optimizer"].lr = args.lr
+        lr_finals[name] = group["scheduler"].lr_final if args.lr_final is None else args.lr_final
+    encoding_lr, lr_final = method.optimizers["encoding"]["optimizer"].lr, lr_finals["encoding"]
     builders = {
         "ours": lambda: VolumeField(aabb, settings),
         "nerfstudio_torch": lambda: NerfstudioBaseline(settings),
     }
     names = [name.strip() for name in args.contenders.split(",") if name.strip()]
+    curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
     torch.manual_seed(0)
-    contenders = [Contender(name, builders[name](), args.lr) for name in names]
-    sampler = VolumePointSampler(volume, aabb, subsample_factor=1)
+    contenders = [
+        Contender(name, builders[name](), method, lr_finals,
+                  VolumePointSampler(volume, aabb, sampling=args.sampling, subsample_factor=1), aabb)
+        for name in names
+    ]
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {args.seconds:.0f} s per contender, "
-          f"batch {args.batch}, {args.levels} levels x {args.features} features, table 2^{args.log2_table}, "
-          f"resolutions {args.base_resolution}..{args.max_resolution}; torch threads {torch.get_num_threads()}", flush=True)
-    step = 0
+          f"batch {args.batch} ({args.sampling}), {args.levels} levels x {args.features} features, "
+          f"table 2^{args.log2_table}, resolutions {args.base_resolution}..{args.max_resolution}, MLP "
+          f"{args.hidden_layers} x {args.hidden_dim}, lr {encoding_lr:g} -> {lr_final:g}; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
     while True:
         pending = [c for c in contenders if c.seconds < args.seconds]
         if not pending:
             break
-        points, targets = sampler.batch(args.batch, step)
-        unit = (points - aabb[0]) / (aabb[1] - aabb[0])
         contender = min(pending, key=lambda c: c.seconds)  # whoever is behind in its own time goes next
-        progress = min(contender.seconds / args.seconds, 1.0)
-        contender.step(unit, targets, args.lr * (args.lr_final / args.lr) ** progress)
-        step += 1
+        contender.step(args.batch, min(contender.seconds / args.seconds, 1.0))
+        for at in curve_times:
+            if at < args.seconds and f"{at:g}" not in contender.curve and contender.seconds >= at:
+                contender.curve[f"{at:g}"] = volume_psnr(contender.model.forward_unit, volume)
 
     volume_bytes = int(np.prod(volume.info.dims)) * np.dtype(volume.info.dtype).itemsize
     results = {}
@@ -142,15 +182,21 @@ def run(args: argparse.Namespace) -> dict:
         model = contender.model.eval()
         params = sum(p.numel() for p in model.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        psnr = volume_psnr(model.forward_unit, volume)
         results[contender.name] = {
-            "volume_psnr_db": volume_psnr(model.forward_unit, volume),
+            "volume_psnr_db": psnr,
             "train_points_per_s": contender.iterations * args.batch / contender.seconds,
             "iterations": contender.iterations,
             "train_seconds": contender.seconds,
             "params": params,
             "compression_ratio": volume_bytes / model_bytes,
+            "psnr_curve_db": {**contender.curve, f"{args.seconds:g}": psnr},
         }
     print_table(results)
+    results["config"] = {
+        "data": str(args.data), "seconds": args.seconds, "batch": args.batch, "sampling": args.sampling,
+        "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final, "threads": torch.get_num_threads(),
+    }
     return results
 
 
@@ -159,6 +205,10 @@ def print_table(results: dict) -> None:
     print(f"{'contender':<18}" + "".join(f"{c:>22}" for c in columns))
     for name, row in results.items():
         print(f"{name:<18}" + "".join(f"{row[c]:>22.4g}" for c in columns))
+    for name, row in results.items():
+        if len(row["psnr_curve_db"]) > 1:
+            print(f"{name} volume PSNR (dB) at training time: "
+                  + ", ".join(f"{t} s {psnr:.2f}" for t, psnr in row["psnr_curve_db"].items()))
     if {"ours", "nerfstudio_torch"} <= results.keys():
         ours, base = results["ours"], results["nerfstudio_torch"]
         print(f"{'ours/baseline':<18}"
