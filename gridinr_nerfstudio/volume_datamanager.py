@@ -127,8 +127,9 @@ class VolumeDataManagerConfig(VanillaDataManagerConfig):
     ~60 dB vs ~31 dB after 60 s on c60) or "continuous" (uniform in the box, trilinear targets). See the module doc."""
     subsample_factor: int = 4
     """Stride of the voxel sub-grid used early in training (1 disables the coarse phase)."""
-    subsample_fraction: float = 0.1
-    """Fraction of `max_iterations` spent on the strided sub-grid before full-resolution sampling."""
+    subsample_fraction: float = 0.0
+    """Fraction of `max_iterations` spent on the strided sub-grid before full-resolution sampling. 0 by default:
+    on c60 a 10% coarse phase cost ~4 dB volume PSNR at 60 s (voxel sampling already fits low frequencies fast)."""
     max_iterations: int = 3000
     """Total training iterations (ns-train sets it to --max-num-iterations; used for the coarse phase length)."""
     preload_max_bytes: int = 2 << 30

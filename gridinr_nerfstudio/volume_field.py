@@ -25,8 +25,8 @@ class VolumeFieldSettings:
     num_levels: int = 16
     features_per_level: int = 2
     log2_hashmap_size: int = 21
-    """2^21 entries per level (instant-ngp: 2^19): on a 128^3 volume the fine levels then collide far less;
-    measured +1 to +2 dB volume PSNR at 60 s on c60 for a similar step time (README, Benchmarks)."""
+    """2^21 entries per level (instant-ngp: 2^19): the fine levels of a 128^3 volume then barely collide
+    (README, Benchmarks)."""
     base_resolution: int = 16
     max_resolution: int = 256
     """Finest grid resolution; about 2x the largest volume dimension resolves single voxels."""
