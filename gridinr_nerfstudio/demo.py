@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"))
     parser.add_argument("--data", default="builtin-default", help="volume to use (default: the built-in volume)")
-    parser.add_argument("--fit-iterations", type=int, default=2000)
+    parser.add_argument("--fit-iterations", type=int, default=500)
     parser.add_argument("--edit-iterations", type=int, default=60)
     parser.add_argument("--prompt", default="a glowing orange molecule")
     args = parser.parse_args(argv)

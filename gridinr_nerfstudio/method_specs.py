@@ -19,7 +19,7 @@ from gridinr_nerfstudio.trainer_config import (
 )
 from gridinr_nerfstudio.volume_datamanager import VolumeDataManagerConfig
 
-FIT_ITERATIONS = 3000
+FIT_ITERATIONS = 1000
 EDIT_ITERATIONS = 1000
 
 
@@ -30,9 +30,9 @@ def fit_trainer_config() -> GridINRTrainerConfig:
         method_name="gridinr-fit",
         max_num_iterations=FIT_ITERATIONS,
         steps_per_eval_batch=500,
-        steps_per_eval_image=1000,
+        steps_per_eval_image=500,
         steps_per_eval_all_images=FIT_ITERATIONS,
-        steps_per_save=1000,
+        steps_per_save=500,
         save_only_latest_checkpoint=True,
         mixed_precision=False,
         machine=default_machine(),
