@@ -36,6 +36,19 @@ class VolumeFieldSettings:
     """Hash-grid backend: auto (tiny-cuda-nn on CUDA when installed, else our C++ kernels, else torch), tcnn, cpp, torch."""
 
 
+def value_mlp(settings: VolumeFieldSettings) -> MLP:
+    """The decoder from concatenated level features to one value (nerfstudio's MLP, linear output)."""
+    return MLP(
+        in_dim=settings.num_levels * settings.features_per_level,
+        num_layers=settings.num_hidden_layers + 1,
+        layer_width=settings.hidden_dim,
+        out_dim=1,
+        activation=nn.ReLU(),
+        out_activation=None,
+        implementation="torch",
+    )
+
+
 class VolumeField(nn.Module):
     """Hash-grid INR of one scalar volume."""
 
@@ -51,15 +64,7 @@ class VolumeField(nn.Module):
             max_resolution=settings.max_resolution,
             backend=settings.backend,
         )
-        self.mlp = MLP(
-            in_dim=settings.num_levels * settings.features_per_level,
-            num_layers=settings.num_hidden_layers + 1,
-            layer_width=settings.hidden_dim,
-            out_dim=1,
-            activation=nn.ReLU(),
-            out_activation=None,
-            implementation="torch",
-        )
+        self.mlp = value_mlp(settings)
 
     def to_unit_cube(self, points: torch.Tensor) -> torch.Tensor:
         """World points -> [0, 1]^3 of the scene box."""

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from nerfstudio.field_components.encodings import HashEncoding
-from nerfstudio.field_components.mlp import MLP
 from torch import nn
 
 from gridinr_nerfstudio.fit_model import volume_psnr
@@ -31,7 +30,7 @@ from gridinr_nerfstudio.method_specs import fit_trainer_config
 from gridinr_nerfstudio.trainer_config import GridINRTrainerConfig
 from gridinr_nerfstudio.volume_datamanager import VolumePointSampler
 from gridinr_nerfstudio.volume_dataparser import BUILTIN_DEFAULT, scene_aabb
-from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings, value_mlp
 from gridinr_nerfstudio.volume_io import open_volume
 
 
@@ -61,6 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: the method's, per optimizer)")
     parser.add_argument("--lr-final", type=float, default=None, help="learning rate at the end of the budget "
                         "(default: the method's scheduler)")
+    parser.add_argument("--beta2", type=float, default=None, help="Adam beta2 of both optimizers (default: the "
+                        "method's: HashGridAdam 0.99 unless configured, torch Adam 0.999)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch's default)")
     parser.add_argument("--curve", default="", help="comma-separated training times (s) at which to also measure "
                         "volume PSNR, e.g. 15,30")
@@ -81,14 +82,7 @@ class NerfstudioBaseline(nn.Module):
             features_per_level=settings.features_per_level,
             implementation="torch",
         )
-        self.mlp = MLP(
-            in_dim=settings.num_levels * settings.features_per_level,
-            num_layers=settings.num_hidden_layers + 1,
-            layer_width=settings.hidden_dim,
-            out_dim=1,
-            activation=nn.ReLU(),
-            implementation="torch",
-        )
+        self.mlp = value_mlp(settings)
 
     def forward_unit(self, unit: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.encoding(unit)).squeeze(-1)
@@ -98,7 +92,7 @@ class Contender:
     """One model with the method's optimizers, its own batches and its own clock."""
 
     def __init__(self, name: str, model: nn.Module, method: GridINRTrainerConfig, lr_finals: dict[str, float],
-                 sampler: VolumePointSampler, aabb: torch.Tensor):
+                 beta2: float | None, sampler: VolumePointSampler, aabb: torch.Tensor):
         self.name = name
         self.model = model
         self.sampler = sampler
@@ -106,6 +100,10 @@ class Contender:
         groups = {"encoding": model.encoding.parameters(), "mlp": model.mlp.parameters()}
         self.optimizers = [method.optimizers[group]["optimizer"].setup(params) for group, params in groups.items()]
         self.lr_ranges = [(method.optimizers[group]["optimizer"].lr, lr_finals[group]) for group in groups]
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                if beta2 is not None:
+                    group["betas"] = (group["betas"][0], beta2)
         self.seconds = 0.0
         self.iterations = 0
         self.curve: dict[str, float] = {}
@@ -157,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
     torch.manual_seed(0)
     contenders = [
-        Contender(name, builders[name](), method, lr_finals,
+        Contender(name, builders[name](), method, lr_finals, args.beta2,
                   VolumePointSampler(volume, aabb, sampling=args.sampling, subsample_factor=1), aabb)
         for name in names
     ]
@@ -195,7 +193,9 @@ def run(args: argparse.Namespace) -> dict:
     print_table(results)
     results["config"] = {
         "data": str(args.data), "seconds": args.seconds, "batch": args.batch, "sampling": args.sampling,
-        "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final, "threads": torch.get_num_threads(),
+        "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final,
+        "betas": dict(zip(("encoding", "mlp"), (list(o.param_groups[0]["betas"]) for o in contenders[0].optimizers))),
+        "threads": torch.get_num_threads(),
     }
     return results
 
