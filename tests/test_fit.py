@@ -41,7 +41,8 @@ def test_targets_equal_voxels_at_voxel_centres(shared_data, tmp_path, preload):
 
 
 def test_batches_lie_in_the_box_and_coarse_phase_uses_the_subgrid(tmp_path):
-    manager = _datamanager(Path("builtin-default"), tmp_path, batch_size=1000, subsample_factor=4, subsample_fraction=0.5, max_iterations=10)
+    manager = _datamanager(Path("builtin-default"), tmp_path, batch_size=1000, subsample_factor=4, subsample_fraction=0.5,
+                           max_iterations=10, sampling="continuous")
     aabb = manager.aabb
     coarse_points, coarse_batch = manager.next_train(step=0)
     fine_points, _ = manager.next_train(step=9)
