@@ -20,18 +20,21 @@ def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None
     dataparser.cache_dir = cache_dir
 
 
+def short_run(config, output_dir: Path, timestamp: str, iterations: int):
+    """`iterations` steps, no viewer, no evaluation during training, one checkpoint at the end."""
+    config.output_dir = output_dir
+    config.timestamp = timestamp
+    config.vis = "tensorboard"
+    config.max_num_iterations = iterations
+    config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = iterations + 1
+    config.steps_per_save = iterations
+    return config
+
+
 def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: int = 60, image_size: int = 32,
                    full_field: bool = False, preset: Optional[str] = None, **dataparser_overrides) -> Path:
     """Train a small gridinr-fit run (tiny field unless `full_field`); returns its config.yml."""
-    config = fit_trainer_config()
-    config.output_dir = output_dir
-    config.timestamp = "tiny"
-    config.vis = "tensorboard"
-    config.max_num_iterations = iterations
-    config.steps_per_eval_image = iterations + 1
-    config.steps_per_eval_batch = iterations + 1
-    config.steps_per_eval_all_images = iterations + 1
-    config.steps_per_save = iterations
+    config = short_run(fit_trainer_config(), output_dir, "tiny", iterations)
     config.pipeline.datamanager.dataparser.data = data
     shrink_dataparser(config.pipeline.datamanager.dataparser, output_dir / "references", image_size)
     config.pipeline.datamanager.dataparser.render.preset = preset
@@ -48,14 +51,7 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
 def train_tiny_edit(output_dir: Path, stage1_config: Path, iterations: int = 10, target_image: Optional[Path] = None,
                     clip_weights: Optional[Path] = None, clip_model: Optional[str] = None, lam_clip: float = 0.0) -> Path:
     """Train a small gridinr-edit run on a tiny stage-1 run; returns its config.yml."""
-    config = edit_trainer_config()
-    config.output_dir = output_dir
-    config.timestamp = "tiny-edit"
-    config.vis = "tensorboard"
-    config.max_num_iterations = iterations
-    config.steps_per_eval_image = iterations + 1
-    config.steps_per_eval_all_images = iterations + 1
-    config.steps_per_save = iterations
+    config = short_run(edit_trainer_config(), output_dir, "tiny-edit", iterations)
     pipeline = config.pipeline
     pipeline.stage1_config = stage1_config
     pipeline.steps_per_render = max(1, iterations // 2)
