@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
 from gridinr_nerfstudio.camera_render import camera_rays, render_image
 from gridinr_nerfstudio.transfer_mlp import TransferMLP, fit_to_transfer_function
@@ -86,6 +87,17 @@ class GridINREditModel(VolumeRenderModel):
             CONSOLE.print(f"Transfer MLP warm-started from the baseline transfer function (error {error:.2e})")
         # A plain attribute, not a submodule: CLIP does not belong in checkpoints.
         self.__dict__["clip_loss"] = None  # set by the pipeline when lam_clip > 0 (needs CLIP weights)
+        # Viewer controls: a new prompt re-encodes the CLIP target, lam_pix applies from the next step.
+        self.viewer_prompt = ViewerText("CLIP prompt", self.config.prompt or "", cb_hook=self.set_prompt)
+        self.viewer_lam_pix = ViewerNumber(
+            "lam_pix", self.config.lam_pix, cb_hook=lambda element: setattr(self.config, "lam_pix", float(element.value))
+        )
+
+    def set_prompt(self, element: ViewerText) -> None:
+        """Switch the edit target to the text in the viewer's prompt box (no restart)."""
+        self.config.prompt, self.config.target_image = element.value, None
+        if self.clip_loss is not None:
+            self.clip_loss.set_target_text(element.value)
 
     def train(self, mode: bool = True):
         super().train(mode)

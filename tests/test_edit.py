@@ -92,6 +92,22 @@ def test_clip_term_falls_for_a_fixed_target(tiny_fit_run, tiny_clip):
     assert sum(clip_losses[-6:]) / 6 < sum(clip_losses[:6]) / 6 - 0.01, clip_losses
 
 
+def test_viewer_prompt_and_lam_pix_apply_without_restart(tiny_fit_run, tiny_clip):
+    pipeline = edit_pipeline(tiny_fit_run, lam_clip=1.0, clip=tiny_clip, prompt="a red molecule")
+    model = pipeline.model
+    before = model.clip_loss.target_embedding.clone()
+    model.viewer_prompt.value = "a blue jellyfish"  # what viser does on edit, then the viewer calls the hook
+    model.viewer_prompt.cb_hook(model.viewer_prompt)
+    expected = pipeline.clip.encode_text("a blue jellyfish")[0]
+    assert torch.allclose(model.clip_loss.target_embedding, expected) and not torch.allclose(before, expected)
+    assert model.config.prompt == "a blue jellyfish"
+    model.viewer_lam_pix.value = 0.5
+    model.viewer_lam_pix.cb_hook(model.viewer_lam_pix)
+    _, losses, metrics = pipeline.get_train_loss_dict(0)
+    mse = 10 ** (-float(metrics["psnr"]) / 10)
+    assert abs(float(losses["pixel_loss"]) - 0.5 * mse) < 1e-4 * max(mse, 1e-3)
+
+
 def test_image_target_pulls_renders_towards_it(tiny_fit_run, tiny_clip, tmp_path):
     """Target: the training views rendered with another colour map. CLIP alone moves renders towards it."""
     import imageio.v3 as iio
