@@ -318,6 +318,27 @@ class HashGridEncoding(nn.Module):
             encoded = _torch_encode(flat, self.params, self.geometry, self.features_per_level)
         return encoded.reshape(*batch_shape, self.get_out_dim())
 
+    def fused_decode(self, positions: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor | None:
+        """Inference only: ``decoder(encoding(positions))`` (N,) in one C++ pass, or None where it does not apply.
+
+        ``layers`` are the decoder's linear layers with ReLU between them and one output at the end. The fused
+        kernel runs the decoder on each block of 256 encoded points while they sit in cache; it applies on the
+        cpp backend to (N, 3) positions and layers of the table's dtype, and computes no gradients.
+        """
+        if positions.dim() != 2 or positions.shape[-1] != 3 or self.backend_for(positions.device) != "cpp":
+            return None
+        dtype = self.params.dtype
+        if not layers or any(layer.weight.dtype != dtype for layer in layers) or layers[-1].out_features != 1:
+            return None
+        scales, level_info, shift = self._kernel_arguments
+        with torch.no_grad():
+            return _cpp.field_forward(
+                positions.to(dtype).contiguous(), self.params.detach(), scales, level_info, shift,
+                self.features_per_level,
+                [layer.weight.detach().t().contiguous() for layer in layers],
+                [layer.bias.detach() if layer.bias is not None else self.params.new_empty(0) for layer in layers],
+            )
+
     def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
         encoding = self._tcnn_encoding
         if encoding is None:

@@ -71,13 +71,35 @@ class VolumeField(nn.Module):
         return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
 
     def forward_unit(self, unit_points: torch.Tensor) -> torch.Tensor:
-        """Values (N,) at points already in the unit cube (no masking): the training path."""
+        """Values (N,) at points already in the unit cube (no masking).
+
+        When no gradient is wanted (rendering a frozen or evaluated field) the encoding and the MLP run fused
+        per block of points on the C++ backend (see `HashGridEncoding.fused_decode`); otherwise through autograd.
+        """
+        if not self.needs_autograd(unit_points):
+            values = self.encoding.fused_decode(unit_points, self.decoder_layers())
+            if values is not None:
+                return values
         return self.mlp(self.encoding(unit_points)).squeeze(-1)
+
+    def needs_autograd(self, points: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (points.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def decoder_layers(self) -> list[nn.Linear]:
+        """The MLP's linear layers, when it is the plain ReLU stack the fused kernel computes; else []."""
+        layers = list(self.mlp.layers)
+        plain = (
+            isinstance(self.mlp.activation, nn.ReLU) and self.mlp.out_activation is None
+            and not self.mlp._skip_connections and all(isinstance(layer, nn.Linear) for layer in layers)
+        )
+        return layers if plain else []
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """Normalised values (N,) at world points (N, 3); 0 outside the scene box."""
         unit = self.to_unit_cube(points)
         inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+        if bool(inside.all()):  # the usual case for ray samples, which lie in the box
+            return self.forward_unit(unit).to(points.dtype)
         values = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
         if inside.any():
             values = values.masked_scatter(inside, self.forward_unit(unit[inside]).to(points.dtype))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,9 +51,9 @@ def test_voxel_epochs_visit_every_voxel_once_in_sorted_batches(small_volume):
     batches = [sampler.epoch_indices(count) for count in (40, 40, 25)]  # exactly one epoch of 105 voxels
     for batch in batches:
         assert bool((batch[1:] > batch[:-1]).all())  # sorted, no repeats inside a batch
-    assert torch.equal(torch.cat(batches).sort().values, torch.arange(size))
+    assert torch.equal(torch.cat(batches).sort().values.long(), torch.arange(size))
     larger = sampler.epoch_indices(2 * size + 10)  # a batch spanning three epochs
-    counts = torch.bincount(larger, minlength=size)
+    counts = torch.bincount(larger.long(), minlength=size)
     assert larger.numel() == 2 * size + 10 and int(counts.min()) >= 2 and int(counts.max()) <= 3
 
 
@@ -70,11 +69,28 @@ def test_coarse_phase_then_voxel_epochs(small_volume):
     assert len({tuple(v) for v in fine_index}) == 105  # one full epoch: every voxel once
 
 
+def test_continuous_fraction_mixes_trilinear_points_into_voxel_batches(small_volume):
+    volume, _ = small_volume
+    aabb = scene_aabb(volume)
+    sampler = VolumePointSampler(volume, aabb, sampling="voxels", continuous_fraction=0.25, subsample_factor=1)
+    points, values = sampler.batch(100, step=0)
+    assert points.shape == (100, 3) and values.shape == (100,)
+    coordinates = _voxel_coordinates(volume, aabb, points)
+    off_centre = np.abs(coordinates - np.rint(coordinates)).max(axis=1) > 1e-3
+    assert not off_centre[:75].any() and off_centre[75:].all()  # 75 voxel centres, then 25 continuous points
+    assert ((points >= aabb[0]) & (points <= aabb[1])).all()
+    expected = volume.sample_normalized(coordinates)  # trilinear reference from the voxels themselves
+    assert np.allclose(values.numpy(), expected, atol=1e-5)
+    for fraction in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="continuous_fraction"):
+            VolumePointSampler(volume, aabb, continuous_fraction=fraction)
+
+
 def test_sampling_option_reaches_the_datamanager_and_is_validated(small_volume, tmp_path):
     volume, _ = small_volume
     with pytest.raises(ValueError, match="sampling"):
         VolumePointSampler(volume, scene_aabb(volume), sampling="centres")
-    config = VolumeDataManagerConfig(sampling="voxels", batch_size=105, subsample_factor=1)
+    config = VolumeDataManagerConfig(sampling="voxels", continuous_fraction=0.0, batch_size=105, subsample_factor=1)
     config.dataparser.data = volume.info.path
     config.dataparser.num_train_views, config.dataparser.num_eval_views, config.dataparser.image_size = 2, 2, 8
     config.dataparser.render.num_samples = 8
@@ -98,6 +114,7 @@ def test_fit_benchmark_trains_both_contenders_on_the_method_defaults(small_volum
                               "--log2-table", "10", "--max-resolution", "8", "--curve", "0.1"])
     method = fit_trainer_config()
     assert args.sampling == method.pipeline.datamanager.sampling
+    assert args.continuous_fraction == method.pipeline.datamanager.continuous_fraction
     assert args.hidden_layers == method.pipeline.model.field.num_hidden_layers
     results = fit.run(args)
     for name in ("ours", "nerfstudio_torch"):

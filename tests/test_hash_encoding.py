@@ -319,3 +319,62 @@ def test_backward_reuses_the_buffer_handed_back_by_hash_grid_adam() -> None:
     encoder.params.grad = None
     encoder(points).sum().backward()  # no spare buffer now: freshly zeroed allocation
     torch.testing.assert_close(recycled, encoder.params.grad)
+
+
+# ---------------------------------------------------------------------------------------------- fused inference
+
+
+@requires_cpp
+@pytest.mark.parametrize(
+    ("features", "hidden", "dtype"),
+    [(2, [64, 64], torch.float32), (1, [32], torch.float32), (4, [], torch.float32), (2, [24, 16], torch.float32),
+     (2, [64], torch.float64)],
+)
+def test_fused_decode_equals_encoding_then_mlp(features: int, hidden: list[int], dtype: torch.dtype) -> None:
+    """The fused C++ inference (vector tiles for widths 16..128, a per-point path for others and float64) against
+    torch's Linear/ReLU stack on the same encoding, for a batch that ends in a partial block and a partial tile."""
+    encoder = HashGridEncoding(num_levels=8, features_per_level=features, log2_hashmap_size=12, base_resolution=4,
+                               max_resolution=64, backend="cpp").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        encoder.params.normal_(generator=generator)
+    widths = [encoder.get_out_dim(), *hidden, 1]
+    torch.manual_seed(1)
+    layers = [torch.nn.Linear(a, b, bias=index != 1).to(dtype) for index, (a, b) in enumerate(zip(widths, widths[1:]))]
+    stack = []
+    for layer in layers:
+        stack += [layer, torch.nn.ReLU()]
+    mlp = torch.nn.Sequential(*stack[:-1])
+    points = torch.rand(1031, 3, generator=generator, dtype=dtype)  # 4 blocks of 256 + 7 points
+    with torch.no_grad():
+        expected = mlp(encoder(points)).squeeze(-1)
+        fused = encoder.fused_decode(points, layers)
+    assert fused is not None and fused.shape == (1031,) and fused.dtype == dtype
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert encoder.fused_decode(points, [torch.nn.Linear(encoder.get_out_dim(), 2).to(dtype)]) is None  # 2 outputs
+    assert HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="torch").fused_decode(points, layers) is None
+
+
+@requires_cpp
+def test_volume_field_takes_the_fused_path_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gridinr_nerfstudio import hash_encoding
+    from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+
+    settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=32,
+                                   hidden_dim=16, num_hidden_layers=1, backend="cpp")
+    field = VolumeField(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]), settings)
+    with torch.no_grad():
+        field.encoding.params.normal_(generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = hash_encoding._cpp.field_forward
+    monkeypatch.setattr(hash_encoding._cpp, "field_forward", lambda *args: calls.append(1) or original(*args))
+    points = torch.rand(300, 3, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2  # some outside the box
+    trained = field(points)  # parameters require grad: autograd path
+    assert not calls and trained.requires_grad
+    trained.sum().backward()
+    assert field.encoding.params.grad is not None
+    with torch.no_grad():
+        inferred = field(points)
+    assert calls and not inferred.requires_grad
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)
+    assert bool((inferred[(points.abs() > 1).any(dim=-1)] == 0).all())  # outside the box: 0

@@ -10,7 +10,9 @@ other processes hits both alike. Volume PSNR is measured at native resolution ov
 at the end, and at the optional ``--curve`` times.
 
 ``--threads`` defaults to 1: on a 2-core machine shared with other work, a second OpenMP/ATen thread is often
-descheduled and every parallel region then waits for it (measured 10x slower steps with 2 threads there).
+descheduled while the first spins at every parallel region's barrier (steps measured 1.5x slower with one other busy
+process, 10x under heavier load). On an idle machine 2 threads are 1.9x faster; ``OMP_WAIT_POLICY=PASSIVE`` in the
+environment keeps 2 threads within ~10% of the best in both cases.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=datamanager.batch_size, help="points per step")
     parser.add_argument("--sampling", choices=("voxels", "continuous"), default=datamanager.sampling,
                         help="training positions (see volume_datamanager)")
+    parser.add_argument("--continuous-fraction", type=float, default=datamanager.continuous_fraction,
+                        help="with voxel sampling, share of each batch at continuous positions")
     parser.add_argument("--levels", type=int, default=field.num_levels)
     parser.add_argument("--features", type=int, default=field.features_per_level)
     parser.add_argument("--log2-table", type=int, default=field.log2_hashmap_size)
@@ -156,14 +160,15 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     contenders = [
         Contender(name, builders[name](), method, lr_finals, args.beta2,
-                  VolumePointSampler(volume, aabb, sampling=args.sampling, subsample_factor=1), aabb)
+                  VolumePointSampler(volume, aabb, sampling=args.sampling,
+                                     continuous_fraction=args.continuous_fraction, subsample_factor=1), aabb)
         for name in names
     ]
+    decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {args.seconds:.0f} s per contender, "
           f"batch {args.batch} ({args.sampling}), {args.levels} levels x {args.features} features, "
-          f"table 2^{args.log2_table}, resolutions {args.base_resolution}..{args.max_resolution}, MLP "
-          f"{args.hidden_layers} x {args.hidden_dim}, lr {encoding_lr:g} -> {lr_final:g}; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"table 2^{args.log2_table}, resolutions {args.base_resolution}..{args.max_resolution}, {decoder}, "
+          f"lr {encoding_lr:g} -> {lr_final:g}; torch threads {torch.get_num_threads()}", flush=True)
     while True:
         pending = [c for c in contenders if c.seconds < args.seconds]
         if not pending:
@@ -193,6 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     print_table(results)
     results["config"] = {
         "data": str(args.data), "seconds": args.seconds, "batch": args.batch, "sampling": args.sampling,
+        "continuous_fraction": args.continuous_fraction,
         "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final,
         "betas": dict(zip(("encoding", "mlp"), (list(o.param_groups[0]["betas"]) for o in contenders[0].optimizers))),
         "threads": torch.get_num_threads(),

@@ -4,7 +4,8 @@ Contenders, all with the run's transfer function and samples per ray, on the fir
 
 - ``field``: the hash-grid INR evaluated at every sample (plain ray marcher);
 - ``field_accelerated``: the INR with early ray termination and empty-space skipping (min/max macrocells of
-  the raw voxels, which the field approximates, combined with the transfer function);
+  the raw voxels, which the field approximates, combined with the transfer function), evaluated per sample by
+  the fused C++ kernel (encoding and MLP per block of points) when the extension is built;
 - ``field_cache``: the INR decoded once onto a grid at the volume's resolution (decode time reported
   separately), then rendered like the raw voxels;
 - ``raw_volume``: the reference renderer on the raw voxels (trilinear), as the reference images were made.
@@ -24,9 +25,13 @@ import torch
 from nerfstudio.utils.eval_utils import eval_setup
 
 from gridinr_nerfstudio.camera_render import camera_rays, render_image
+from gridinr_nerfstudio.hash_encoding import cpp_extension_available
 from gridinr_nerfstudio.image_metrics import ImageMetrics
 from gridinr_nerfstudio.rendering import DenseGridField, OccupancyGrid
 from gridinr_nerfstudio.volume_field import decode_field_cache
+
+
+CONTENDERS = ("field", "field_accelerated", "field_cache", "raw_volume")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--load-config", type=Path, required=True, help="config.yml of a gridinr-fit run")
     parser.add_argument("--views", type=int, default=3, help="eval views to render per contender")
+    parser.add_argument("--occupancy-resolution", type=int, default=None,
+                        help="macrocells per axis for empty-space skipping (default: the run's model setting)")
     return parser
 
 
@@ -51,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_seconds = time.perf_counter() - started
     raw = DenseGridField(torch.from_numpy(model.volume.normalized_array()), model.aabb[1].cpu()).to(device)
     color = model.color_fn()
-    resolution = model.config.occupancy_resolution
+    resolution = args.occupancy_resolution or model.config.occupancy_resolution
     raw_cells = OccupancyGrid.from_volume(raw.volume, raw.half_size, resolution).update(color)
     cache_cells = OccupancyGrid.from_volume(cache.volume, cache.half_size, resolution).update(color)
     plain = {"num_samples": model.render_settings.num_samples, "background": model.render_kwargs()["background"]}
@@ -88,15 +95,21 @@ def run(args: argparse.Namespace) -> dict:
             "ssim": float(np.mean([s["ssim"] for s in scores[name]])),
         }
     results["field_cache"]["decode_seconds"] = decode_seconds
-    print_table(results, model.render_settings.num_samples, views, torch.get_num_threads())
+    results["config"] = {"views": views, "num_samples": model.render_settings.num_samples,
+                         "occupancy_resolution": resolution, "threads": torch.get_num_threads(),
+                         "field_evaluation": "fused C++" if cpp_extension_available() else "torch"}
+    print_table(results)
     return results
 
 
-def print_table(results: dict, samples: int, views: int, threads: int) -> None:
+def print_table(results: dict) -> None:
+    config = results["config"]
     raw_ms = results["raw_volume"]["ms_per_frame"]
-    print(f"{views} views, {samples} samples per ray, torch threads {threads}")
+    print(f"{config['views']} views, {config['num_samples']} samples per ray, {config['occupancy_resolution']} "
+          f"macrocells per axis, field evaluated by {config['field_evaluation']}, torch threads {config['threads']}")
     print(f"{'contender':<20}{'ms/frame':>12}{'rays/s':>14}{'x raw time':>12}{'PSNR dB':>10}{'SSIM':>9}")
-    for name, row in results.items():
+    for name in CONTENDERS:
+        row = results[name]
         print(f"{name:<20}{row['ms_per_frame']:>12.1f}{row['rays_per_s']:>14.4g}{row['ms_per_frame'] / raw_ms:>12.2f}"
               f"{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}")
     print(f"field cache decoded once in {results['field_cache']['decode_seconds']:.2f} s")

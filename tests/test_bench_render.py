@@ -1,0 +1,29 @@
+"""gridinr-bench render: the four contenders on a real (tiny) stage-1 run, their JSON, and their images' fidelity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gridinr_nerfstudio.bench.cli import main as bench_main
+from gridinr_nerfstudio.bench.render import CONTENDERS
+
+
+def test_render_benchmark_reports_every_contender(tiny_fit_run: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "render.json"
+    bench_main(["render", "--load-config", str(tiny_fit_run), "--views", "1", "--occupancy-resolution", "16",
+                "--json", str(output)])
+    results = json.loads(output.read_text())
+    for name in CONTENDERS:
+        row = results[name]
+        assert set(row) >= {"ms_per_frame", "rays_per_s", "psnr_db", "ssim"}
+        assert row["ms_per_frame"] > 0 and row["rays_per_s"] > 0
+        assert abs(row["rays_per_s"] * row["ms_per_frame"] / 1000.0 - 32 * 32) < 1e-3 * 32 * 32  # one 32x32 view
+    # The raw voxels are what the references were rendered from: only the PNGs' 8-bit rounding separates them.
+    assert results["raw_volume"]["psnr_db"] > 45.0 and results["raw_volume"]["ssim"] > 0.99
+    # Skipping empty macrocells and stopping opaque rays must not change what the field shows.
+    assert abs(results["field_accelerated"]["psnr_db"] - results["field"]["psnr_db"]) < 0.5
+    assert results["field_cache"]["decode_seconds"] > 0
+    assert results["config"]["occupancy_resolution"] == 16 and results["config"]["views"] == 1
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in CONTENDERS) and "x raw time" in printed
