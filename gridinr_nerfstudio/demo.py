@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from gridinr_nerfstudio.clip_loss import ClipWeightsUnavailable, resolve_clip_weights
+from gridinr_nerfstudio.method_specs import FIT_ITERATIONS
 
 
 def run(command: list[str], log: Path) -> None:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"))
     parser.add_argument("--data", default="builtin-default", help="volume to use (default: the built-in volume)")
-    parser.add_argument("--fit-iterations", type=int, default=500)
+    parser.add_argument("--fit-iterations", type=int, default=FIT_ITERATIONS, help="stage-1 iterations (gridinr-fit's default)")
     parser.add_argument("--edit-iterations", type=int, default=60)
     parser.add_argument("--prompt", default="a glowing orange molecule")
     args = parser.parse_args(argv)
