@@ -10,6 +10,9 @@
 // a second loop gathers (forward) or scatters (backward) the table rows. Parallelism: forward and
 // position gradient run OpenMP over blocks of points; the table gradient runs OpenMP over levels,
 // so each thread owns whole level slices of the gradient and needs no atomics.
+//
+// For inference, field_forward fuses the encoding with the field's ReLU MLP decoder: each block of points is
+// encoded and decoded while it is in cache (see field_forward_kernel).
 
 #include <torch/extension.h>
 
