@@ -83,6 +83,7 @@ class VolumeField(nn.Module):
         return self.mlp(self.encoding(unit_points)).squeeze(-1)
 
     def needs_autograd(self, points: torch.Tensor) -> bool:
+        """Whether a result could be differentiated: grad mode on and the points or any parameter require it."""
         return torch.is_grad_enabled() and (points.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def decoder_layers(self) -> list[nn.Linear]:
@@ -90,7 +91,7 @@ class VolumeField(nn.Module):
         layers = list(self.mlp.layers)
         plain = (
             isinstance(self.mlp.activation, nn.ReLU) and self.mlp.out_activation is None
-            and not self.mlp._skip_connections and all(isinstance(layer, nn.Linear) for layer in layers)
+            and not getattr(self.mlp, "_skip_connections", None) and all(isinstance(layer, nn.Linear) for layer in layers)
         )
         return layers if plain else []
 
