@@ -223,24 +223,10 @@ def test_gradcheck_float64(backend: str, convention: str) -> None:
 @pytest.mark.parametrize("convention", ["tcnn", "nerfstudio"])
 @pytest.mark.parametrize("features", [1, 2, 4, 8])
 def test_torch_fallback_equals_cpp(convention: str, features: int) -> None:
-    cpp = HashGridEncoding(
-        num_levels=6,
-        features_per_level=features,
-        log2_hashmap_size=12,
-        base_resolution=4,
-        max_resolution=64,
-        convention=convention,
-        backend="cpp",
-    )
-    fallback = HashGridEncoding(
-        num_levels=6,
-        features_per_level=features,
-        log2_hashmap_size=12,
-        base_resolution=4,
-        max_resolution=64,
-        convention=convention,
-        backend="torch",
-    )
+    grid = dict(num_levels=6, features_per_level=features, log2_hashmap_size=12, base_resolution=4,
+                max_resolution=64, convention=convention)
+    cpp = HashGridEncoding(**grid, backend="cpp")
+    fallback = HashGridEncoding(**grid, backend="torch")
     with torch.no_grad():
         cpp.params.normal_(generator=torch.Generator().manual_seed(0))
     fallback.load_state_dict(cpp.state_dict())
