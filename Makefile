@@ -8,11 +8,16 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test install bench clean-venv browser-deps
 
-$(STAMP): pyproject.toml setup.py $(wildcard gridinr_nerfstudio/csrc/*.cpp)
+# Dependencies first, each built in isolation as its authors intend, under constraints.txt; then our own
+# package alone (--no-deps) against the installed torch (--no-build-isolation), for the C++ extension.
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/csrc/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -c constraints.txt -r $(VENV)/requirements.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +27,7 @@ demo: $(STAMP)
 
 # Headless Chromium for tests/test_viewer.py (skipped without it): best effort, never fails.
 browser-deps:
-	command -v chromium >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || true)
+	command -v chromium >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || true)
 
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q tests
