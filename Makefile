@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 # Dependencies first, each built in isolation as its authors intend, under constraints.txt; then our own
 # package alone (--no-deps) against the installed torch (--no-build-isolation), for the C++ extension.
-$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/csrc/*.cpp)
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/fields/hash_grid/csrc/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/pip install -q -c constraints.txt $(TORCH)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gridinr_nerfstudio.demo --output-dir demo_output
+	$(BIN)/python -m gridinr_nerfstudio.scripts.demo --output-dir demo_output
 
 # Headless Chromium for tests/test_viewer.py (skipped without it): best effort, never fails.
 browser-deps:

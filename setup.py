@@ -25,7 +25,7 @@ def _march_flags() -> list:
     return ["-march=native", "-mprefer-vector-width=512"]
 
 cmdclass = {}
-_src = os.path.join("gridinr_nerfstudio", "csrc", "hash_grid.cpp")
+_src = os.path.join("gridinr_nerfstudio", "fields", "hash_grid", "csrc", "hash_grid.cpp")
 if os.path.exists(_src) and os.environ.get("GRIDINR_NO_EXT", "0") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -33,7 +33,7 @@ if os.path.exists(_src) and os.environ.get("GRIDINR_NO_EXT", "0") != "1":
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         ext_modules.append(
             CppExtension(
-                name="gridinr_nerfstudio._hash_grid_cpp",
+                name="gridinr_nerfstudio.fields.hash_grid._hash_grid_cpp",
                 sources=[_src],
                 # -fno-trapping-math / -fno-math-errno let GCC vectorise the float->int cell index loop and the
                 # sqrt of the Adam step; -ffp-contract=off keeps x * scale + shift rounded like the pure-PyTorch

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from nerfstudio.utils.eval_utils import eval_setup
 
-from gridinr_nerfstudio.orbit_cameras import circle_cameras
+from gridinr_nerfstudio.data.orbit_cameras import circle_cameras
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gridinr_nerfstudio.bench.cli import main as bench_main
-from gridinr_nerfstudio.bench.render import CONTENDERS
+from gridinr_nerfstudio.scripts.bench.cli import main as bench_main
+from gridinr_nerfstudio.scripts.bench.render import CONTENDERS
 
 
 def test_render_benchmark_reports_every_contender(tiny_fit_run: Path, tmp_path: Path, capsys) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_models import register_tiny_clip, save_tiny_clip_weights
 
-from gridinr_nerfstudio.clip_loss import (
+from gridinr_nerfstudio.stages.edit.clip_loss import (
     ClipLoss,
     ClipWeightsUnavailable,
     LoadedClip,

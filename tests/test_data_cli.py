@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gridinr_nerfstudio.data_cli import main
-from gridinr_nerfstudio.default_volume import default_volume_array
+from gridinr_nerfstudio.data.default_volume import default_volume_array
+from gridinr_nerfstudio.scripts.data import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "gridinr_nerfstudio.data_cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gridinr_nerfstudio.scripts.data", *args], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=120)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from gridinr_nerfstudio.orbit_cameras import look_at, orbit_cameras, split_orbit_cameras
-from gridinr_nerfstudio.volume_dataparser import VolumeDataParserConfig
+from gridinr_nerfstudio.data.dataparser import VolumeDataParserConfig
+from gridinr_nerfstudio.data.orbit_cameras import look_at, orbit_cameras, split_orbit_cameras
 
 
 def test_cameras_look_at_the_origin_from_the_radius():

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from gridinr_nerfstudio.clip_loss import ClipWeightsUnavailable
-from gridinr_nerfstudio.method_specs import edit_trainer_config
 from tiny_models import register_tiny_clip, save_tiny_clip_weights
+
+from gridinr_nerfstudio.gridinr_config import edit_trainer_config
+from gridinr_nerfstudio.stages.edit.clip_loss import ClipWeightsUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,8 @@ def test_image_target_pulls_renders_towards_it(tiny_fit_run, tiny_clip, tmp_path
     cameras = pipeline.datamanager.train_dataset.cameras[torch.tensor([0])]
     with torch.no_grad():
         baseline_mlp = {k: v.clone() for k, v in model.transfer_mlp.state_dict().items()}
-        from gridinr_nerfstudio.transfer_mlp import fit_to_transfer_function
-        from gridinr_nerfstudio.volume_dataparser import voxel_size_world
+        from gridinr_nerfstudio.data.volume_io import voxel_size_world
+        from gridinr_nerfstudio.transfer.transfer_mlp import fit_to_transfer_function
     fit_to_transfer_function(model.transfer_mlp, target_settings.transfer_function(voxel_size_world(model.volume)))
     with torch.no_grad():
         target = model.render_views(cameras)[0].clamp(0, 1)

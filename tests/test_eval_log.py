@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from gridinr_nerfstudio.eval_log import append_metrics_row, save_render_grid
-from gridinr_nerfstudio.report import main as report_main
+from gridinr_nerfstudio.eval.eval_log import append_metrics_row, save_render_grid
+from gridinr_nerfstudio.scripts.report import main as report_main
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from nerfstudio.utils.eval_utils import eval_setup
 
-from gridinr_nerfstudio.volume_datamanager import VolumeDataManagerConfig
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
 
 
 def _datamanager(data: Path, tmp_path: Path, **kwargs):
-    config = VolumeDataManagerConfig(**kwargs)
+    config = FitDataManagerConfig(**kwargs)
     config.dataparser.data = data
     config.dataparser.num_train_views, config.dataparser.num_eval_views, config.dataparser.image_size = 2, 2, 16
     config.dataparser.cache_dir = tmp_path
@@ -82,9 +82,9 @@ def test_point_loss_is_mse_or_l1(fit_pipeline):
     with torch.no_grad():
         predicted = model.field(points)
         model.config.loss = "l2"
-        assert torch.allclose(model.point_loss(points, targets)["value_loss"], ((predicted - targets) ** 2).mean(), atol=1e-6)
+        assert torch.allclose(model.get_loss_dict(model.get_point_outputs(points), {"values": targets})["value_loss"], ((predicted - targets) ** 2).mean(), atol=1e-6)
         model.config.loss = "l1"
-        assert torch.allclose(model.point_loss(points, targets)["value_loss"], (predicted - targets).abs().mean(), atol=1e-6)
+        assert torch.allclose(model.get_loss_dict(model.get_point_outputs(points), {"values": targets})["value_loss"], (predicted - targets).abs().mean(), atol=1e-6)
         model.config.loss = "l2"
 
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from gridinr_nerfstudio.volume_datamanager import VolumeDataManagerConfig, VolumePointSampler
-from gridinr_nerfstudio.volume_dataparser import scene_aabb
-from gridinr_nerfstudio.volume_io import open_volume
+from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
 
 
 @pytest.fixture
@@ -90,7 +89,7 @@ def test_sampling_option_reaches_the_datamanager_and_is_validated(small_volume, 
     volume, _ = small_volume
     with pytest.raises(ValueError, match="sampling"):
         VolumePointSampler(volume, scene_aabb(volume), sampling="centres")
-    config = VolumeDataManagerConfig(sampling="voxels", continuous_fraction=0.0, batch_size=105, subsample_factor=1)
+    config = FitDataManagerConfig(sampling="voxels", continuous_fraction=0.0, batch_size=105, subsample_factor=1)
     config.dataparser.data = volume.info.path
     config.dataparser.num_train_views, config.dataparser.num_eval_views, config.dataparser.image_size = 2, 2, 8
     config.dataparser.render.num_samples = 8
@@ -105,8 +104,8 @@ def test_sampling_option_reaches_the_datamanager_and_is_validated(small_volume, 
 
 def test_fit_benchmark_trains_both_contenders_on_the_method_defaults(small_volume):
     """A 1-second run: both contenders train, the curve is recorded, and unset options follow the method config."""
-    from gridinr_nerfstudio.bench import fit
-    from gridinr_nerfstudio.method_specs import fit_trainer_config
+    from gridinr_nerfstudio.gridinr_config import fit_trainer_config
+    from gridinr_nerfstudio.scripts.bench import fit
 
     volume, _ = small_volume
     parser = fit.add_parser(argparse.ArgumentParser().add_subparsers())

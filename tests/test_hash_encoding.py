@@ -9,16 +9,13 @@ import pytest
 import torch
 from nerfstudio.field_components.encodings import HashEncoding
 
-from gridinr_nerfstudio.hash_encoding import (
-    HashGridAdam,
-    HashGridEncoding,
-    cpp_extension_available,
-    tcnn_available,
-)
+from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available, tcnn_available
+from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
+from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
 
 requires_cpp = pytest.mark.skipif(
     not cpp_extension_available(),
-    reason="C++ extension gridinr_nerfstudio._hash_grid_cpp not built (pip install --no-build-isolation -e .)",
+    reason="C++ extension gridinr_nerfstudio.fields.hash_grid._hash_grid_cpp not built (pip install --no-build-isolation -e .)",
 )
 BACKENDS = [pytest.param("cpp", marks=requires_cpp), "torch"]
 PRIMES = (1, 2654435761, 805459861)
@@ -269,7 +266,7 @@ def test_batch_shape_and_input_errors() -> None:
 @pytest.mark.parametrize("implementation", [pytest.param("cpp", marks=requires_cpp), "torch"])
 def test_hash_grid_adam_follows_sparse_adam(implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if implementation == "torch":
-        monkeypatch.setattr("gridinr_nerfstudio.hash_encoding._cpp", None)
+        monkeypatch.setattr("gridinr_nerfstudio.fields.hash_grid._backend.cpp", None)
     generator = torch.Generator().manual_seed(0)
     initial = torch.randn(1000, generator=generator)
     ours = torch.nn.Parameter(initial.clone())
@@ -343,8 +340,8 @@ def test_fused_decode_equals_encoding_then_mlp(features: int, hidden: list[int],
 
 @requires_cpp
 def test_volume_field_takes_the_fused_path_only_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gridinr_nerfstudio import hash_encoding
-    from gridinr_nerfstudio.volume_field import VolumeField, VolumeFieldSettings
+    from gridinr_nerfstudio.fields.hash_grid import _backend
+    from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 
     settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=32,
                                    hidden_dim=16, num_hidden_layers=1, backend="cpp")
@@ -352,8 +349,8 @@ def test_volume_field_takes_the_fused_path_only_without_gradients(monkeypatch: p
     with torch.no_grad():
         field.encoding.params.normal_(generator=torch.Generator().manual_seed(0))
     calls = []
-    original = hash_encoding._cpp.field_forward
-    monkeypatch.setattr(hash_encoding._cpp, "field_forward", lambda *args: calls.append(1) or original(*args))
+    original = _backend.cpp.field_forward
+    monkeypatch.setattr(_backend.cpp, "field_forward", lambda *args: calls.append(1) or original(*args))
     points = torch.rand(300, 3, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2  # some outside the box
     trained = field(points)  # parameters require grad: autograd path
     assert not calls and trained.requires_grad

@@ -14,7 +14,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tiny_models import save_random_lpips_backbone
 
-from gridinr_nerfstudio.image_metrics import ImageMetrics, default_lpips_backbone_path
+from gridinr_nerfstudio.eval.metrics import ImageMetrics, default_lpips_backbone_path
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ def test_param_groups_have_optimizers():
 def test_dataparser_spec_imports_without_pipelines():
     """The dataparser entry point must not pull in datamanagers/pipelines (circular import in nerfstudio)."""
     code = (
-        "import sys; import gridinr_nerfstudio.dataparser_spec; "
+        "import sys; import gridinr_nerfstudio.data.dataparser; "
         "bad = [m for m in sys.modules if m.startswith('gridinr_nerfstudio') and ('pipeline' in m or 'datamanager' in m)]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

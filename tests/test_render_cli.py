@@ -19,7 +19,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras
 from scipy.stats import spearmanr
 
-from gridinr_nerfstudio.render_cli import load_model, main, path_cameras, render_frames, write_frames
+from gridinr_nerfstudio.scripts.render import load_model, main, path_cameras, render_frames, write_frames
 
 
 def hand_built_camera(eye: np.ndarray, image_size: int, fov_degrees: float = 45.0) -> Cameras:

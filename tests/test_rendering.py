@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gridinr_nerfstudio.rendering import (
-    DenseGridField,
-    OccupancyGrid,
+from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
+from gridinr_nerfstudio.rendering.raymarch import (
     RenderStats,
     estimate_normals,
     intersect_aabb,
@@ -17,7 +17,7 @@ from gridinr_nerfstudio.rendering import (
     sample_along_rays,
     shade,
 )
-from gridinr_nerfstudio.transfer_function import TransferFunction
+from gridinr_nerfstudio.transfer.transfer_function import TransferFunction
 
 UNIT = 0.1
 

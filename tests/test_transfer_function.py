@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from gridinr_nerfstudio.transfer_function import (
-    TABLE_SIZE,
-    TransferFunction,
+from gridinr_nerfstudio.transfer.paraview import (
     available_presets,
     load_preset,
     save_preset,
+    transfer_function_from_preset,
+    transfer_function_to_preset,
 )
+from gridinr_nerfstudio.transfer.transfer_function import TABLE_SIZE, TransferFunction
 
 UNIT = 0.05
 
@@ -121,10 +122,10 @@ def test_paraview_cool_to_warm_diverging_matches_morelands_table(tmp_path):
 
 def test_lab_and_hsv_colour_spaces_interpolate_in_those_spaces():
     black_white_lab = {"Name": "bw", "ColorSpace": "Lab", "RGBPoints": [0, 0, 0, 0, 1, 1, 1, 1]}
-    grey, _ = evaluate(TransferFunction.from_paraview_preset(black_white_lab), np.array([0.5]))
+    grey, _ = evaluate(transfer_function_from_preset(black_white_lab), np.array([0.5]))
     np.testing.assert_allclose(grey[0], [0.4663] * 3, atol=5e-3)  # sRGB of L* = 50
     red_blue_hsv = {"Name": "rb", "ColorSpace": "HSV", "RGBPoints": [0, 1, 0, 0, 1, 0, 0, 1]}
-    midway, _ = evaluate(TransferFunction.from_paraview_preset(red_blue_hsv), np.array([0.5]))
+    midway, _ = evaluate(transfer_function_from_preset(red_blue_hsv), np.array([0.5]))
     np.testing.assert_allclose(midway[0], [1.0, 0.0, 1.0], atol=1e-3)  # hue 0 -> 240 degrees the short way: magenta
 
 
@@ -134,7 +135,7 @@ def test_preset_data_range_is_rescaled_and_midpoints_follow_vtk():
         "RGBPoints": [100, 0, 0, 0, 300, 1, 1, 1],
         "Points": [100, 0.0, 0.25, 0.0, 300, 1.0, 0.5, 0.0],
     }
-    tf = TransferFunction.from_paraview_preset(preset, unit_distance=UNIT)
+    tf = transfer_function_from_preset(preset, unit_distance=UNIT)
     rgb, sigma = evaluate(tf, np.array([0.25, 0.5, 0.625]))
     np.testing.assert_allclose(rgb[:, 0], [0.25, 0.5, 0.625], atol=1e-5)
     # Midpoint 0.25: the opacity is halfway at a quarter of the segment, then linear to the end.
@@ -148,7 +149,7 @@ def test_preset_round_trip(tmp_path):
     loaded = load_preset(path, unit_distance=UNIT)
     assert torch.equal(loaded.table, tf.table)
     assert json.loads(path.read_text())[0]["Name"] == "Exported"
-    assert loaded.to_paraview_preset("Exported") == tf.to_paraview_preset("Exported")
+    assert transfer_function_to_preset(loaded, "Exported") == transfer_function_to_preset(tf, "Exported")
 
 
 def test_multi_preset_file_picks_by_name(tmp_path):

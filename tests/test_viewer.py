@@ -36,7 +36,7 @@ from nerfstudio.viewer.render_state_machine import RenderStateMachine
 from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO, Viewer
 from nerfstudio.viewer.viewer_elements import ViewerElement
 
-from gridinr_nerfstudio.orbit_cameras import look_at, pinhole_cameras
+from gridinr_nerfstudio.data.orbit_cameras import look_at, pinhole_cameras
 
 MAX_RES = 96
 """The viewer's "Max res" for these tests: full-resolution renders stay quick on a CPU."""

@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-from gridinr_nerfstudio.default_volume import default_volume_array, make_default_volume, write_default_dataset
-from gridinr_nerfstudio.volume_io import (
+from gridinr_nerfstudio.data.default_volume import (
+    BUILTIN_DEFAULT,
+    default_volume_array,
+    make_default_volume,
+    open_data,
+    write_default_dataset,
+)
+from gridinr_nerfstudio.data.volume_io import (
     Volume,
     VolumeError,
     open_volume,
@@ -203,7 +209,7 @@ def test_bigger_than_memory_limit(tmp_path):
         import resource, sys
         import numpy as np
         resource.setrlimit(resource.RLIMIT_DATA, (192 << 20, 192 << 20))
-        from gridinr_nerfstudio.volume_io import open_volume
+        from gridinr_nerfstudio.data.volume_io import open_volume
         volume = open_volume({str(path)!r})
         print(volume.value_min, volume.value_max)
         print(*volume.sample_normalized(np.array([[3, 4, 5], [500, 400, 300], [3.5, 4, 5], [0, 0, 0]])))
@@ -496,9 +502,10 @@ def test_default_volume_has_range_and_structure():
     assert np.abs(np.diff(data, axis=2)).max() >= 0.7  # sharp tube walls
     assert np.array_equal(data, default_volume_array())  # deterministic
     np.testing.assert_allclose(volume.sample_normalized(np.array([[10.0, 20.0, 30.0]])), data[30, 20, 10])
-    assert open_volume(None).fingerprint() == volume.fingerprint()
+    for name in (None, BUILTIN_DEFAULT):
+        assert open_data(name).fingerprint() == volume.fingerprint()
     with pytest.raises(VolumeError):
-        open_volume(None, variable="density")
+        open_data(BUILTIN_DEFAULT, variable="density")
 
 
 def test_write_default_dataset_reads_back(tmp_path):

@@ -7,8 +7,8 @@ from typing import Optional
 
 from nerfstudio.scripts.train import main as ns_train_main
 
-from gridinr_nerfstudio.method_specs import edit_trainer_config, fit_trainer_config
-from gridinr_nerfstudio.volume_dataparser import BUILTIN_DEFAULT
+from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT
+from gridinr_nerfstudio.gridinr_config import edit_trainer_config, fit_trainer_config
 
 
 def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None:

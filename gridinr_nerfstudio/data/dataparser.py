@@ -1,0 +1,172 @@
+"""nerfstudio DataParser `gridinr-volume`: orbit cameras around a volume plus reference DVR renderings.
+
+The "images" nerfstudio trains and evaluates against are renderings of the raw voxels (trilinear sampling)
+with the default transfer function. They are written as PNG files, so nerfstudio's datasets, `ns-eval` and
+the viewer load them as usual, and cached by volume fingerprint + render settings + cameras.
+
+Import only nerfstudio's dataparser and camera modules here: this module is reached from the dataparser
+entry point while nerfstudio builds its registries (importing datamanagers/pipelines would be circular).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Type
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.plugins.registry_dataparser import DataParserSpecification
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT, open_data
+from gridinr_nerfstudio.data.orbit_cameras import split_orbit_cameras
+from gridinr_nerfstudio.data.volume_io import Volume, scene_aabb, voxel_size_world
+from gridinr_nerfstudio.rendering.settings import RenderSettings
+
+
+class SharedVolume:
+    """Holds a Volume in dataparser metadata without copying it.
+
+    nerfstudio deep-copies dataset metadata; deep-copying a memmap would read the whole file into memory.
+    """
+
+    def __init__(self, volume: Volume):
+        self.volume = volume
+
+    def __deepcopy__(self, memo) -> "SharedVolume":
+        return self
+
+
+def default_cache_dir() -> Path:
+    """Where reference renderings are cached (never inside the user's data folder, which may be read-only)."""
+    base = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    return Path(base) / "gridinr-nerfstudio" / "references"
+
+
+@dataclass
+class VolumeDataParserConfig(DataParserConfig):
+    """Orbit views of a scientific volume, with reference renderings of its raw voxels."""
+
+    _target: Type = field(default_factory=lambda: VolumeDataParser)
+    data: Path = BUILTIN_DEFAULT
+    """Volume: dataset folder (dataset.json), its dataset.json, a .raw/.dat/.npy/.nrrd/.nii file, or builtin-default."""
+    variable: Optional[str] = None
+    """Variable to use (default: the first one)."""
+    timestep: int = 1
+    """Time step to use (1-based)."""
+    nan_policy: str = "error"
+    """What to do with NaN/Inf voxels: 'error' or 'replace' (with `replace_value`)."""
+    replace_value: float = 0.0
+    """Value that replaces NaN/Inf voxels when nan_policy is 'replace'."""
+    image_size: int = 256
+    """Width and height of the rendered views."""
+    fov_degrees: float = 45.0
+    """Vertical field of view."""
+    camera_radius: float = 2.5
+    """Distance of the cameras from the volume centre (volume normalised into [-1, 1]^3)."""
+    num_train_views: int = 50
+    """Orbit views used for training."""
+    num_eval_views: int = 20
+    """Novel orbit views used for evaluation (different from the training views)."""
+    render: RenderSettings = field(default_factory=RenderSettings)
+    """Transfer function and ray marching of the reference renderings."""
+    cache_dir: Optional[Path] = None
+    """Reference-rendering cache (default: $XDG_CACHE_HOME/gridinr-nerfstudio/references)."""
+
+
+class VolumeDataParser(DataParser):
+    """Builds orbit cameras and reference renderings for one variable and time step of a volume."""
+
+    config: VolumeDataParserConfig
+
+    def __init__(self, config: VolumeDataParserConfig):
+        super().__init__(config)
+        self._volume: Optional[Volume] = None
+
+    @property
+    def volume(self) -> Volume:
+        """The volume, opened once (memory-mapped)."""
+        if self._volume is None:
+            self._volume = open_data(
+                self.config.data,
+                variable=self.config.variable,
+                timestep=self.config.timestep,
+                nan_policy=self.config.nan_policy,
+                replace_value=self.config.replace_value,
+            )
+        return self._volume
+
+    def cameras_for_split(self, split: str) -> Cameras:
+        """Training views and eval views are different points of one spiral, so eval views are novel."""
+        return split_orbit_cameras(
+            split,
+            self.config.num_train_views,
+            self.config.num_eval_views,
+            image_size=self.config.image_size,
+            fov_degrees=self.config.fov_degrees,
+            radius=self.config.camera_radius,
+        )
+
+    def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
+        volume = self.volume
+        cameras = self.cameras_for_split(split)
+        aabb = scene_aabb(volume)
+        image_filenames = reference_renderings(volume, cameras, self.config.render, self._cache_folder(split, cameras))
+        return DataparserOutputs(
+            image_filenames=image_filenames,
+            cameras=cameras,
+            scene_box=SceneBox(aabb=aabb),
+            metadata={
+                "volume": SharedVolume(volume),
+                "render_settings": self.config.render,
+            },
+        )
+
+    def _cache_folder(self, split: str, cameras: Cameras) -> Path:
+        camera_key = hashlib.sha1(cameras.camera_to_worlds.numpy().tobytes()).hexdigest()[:8]
+        key = f"{self.volume.fingerprint()}-{self.config.render.fingerprint()}-{self.config.image_size}-{camera_key}"
+        return (self.config.cache_dir or default_cache_dir()) / key / split
+
+
+def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSettings, folder: Path) -> list[Path]:
+    """PNG renderings of the raw voxels for each camera; reused when the same volume/settings/cameras were rendered."""
+    filenames = [folder / f"view_{index:03d}.png" for index in range(len(cameras))]
+    done_marker = folder / "complete.json"
+    if done_marker.exists() and all(path.exists() for path in filenames):
+        return filenames
+    from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+    from gridinr_nerfstudio.rendering.images import render_camera
+
+    folder.mkdir(parents=True, exist_ok=True)
+    CONSOLE.print(f"Rendering {len(cameras)} reference views of {volume.info.name} into {folder}")
+    grid = DenseGridField(torch.from_numpy(volume.normalized_array()), torch.as_tensor(np.asarray(volume.half_size)))
+    transfer_function = settings.transfer_function(voxel_size_world(volume))
+    background = torch.tensor(settings.background, dtype=torch.float32)
+
+    def sample_fn(points: torch.Tensor):
+        return transfer_function(grid(points))
+
+    with torch.no_grad():
+        for index, path in enumerate(filenames):
+            out = render_camera(
+                cameras, index, sample_fn, scene_aabb(volume), num_samples=settings.num_samples, background=background
+            )
+            image = (out["rgb"].clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+            iio.imwrite(path, image)
+    done_marker.write_text(json.dumps({"volume": volume.info.name, "views": len(filenames)}))
+    return filenames
+
+
+gridinr_volume_dataparser = DataParserSpecification(
+    config=VolumeDataParserConfig(),
+    description="Scientific volume (dataset.json + raw/dat, Open SciVis raw, npy, NRRD, NIfTI) seen by orbit cameras.",
+)
+"""The `gridinr-volume` entry point (nerfstudio.dataparser_configs)."""

@@ -1,0 +1,164 @@
+"""nerfstudio method entry points `gridinr-fit` (stage 1) and `gridinr-edit` (stage 2), with their trainer configs.
+
+Like LERF's `lerf_config.py`: every MethodSpecification and the trainer/optimizer/scheduler configs they use.
+nerfstudio loads every registered method when any `ns-*` command starts, so an import error here breaks
+ns-train for every method: keep this module to configuration (no open_clip, lpips or matplotlib at import;
+a test checks `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Type
+
+import torch
+from nerfstudio.configs.base_config import MachineConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig, OptimizerConfig
+from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
+from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
+from gridinr_nerfstudio.stages.edit.pipeline import EditPipelineConfig
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.pipeline import FitPipelineConfig
+
+
+@dataclass
+class GridINRTrainerConfig(TrainerConfig):
+    """Records the run folder in the pipeline config, so evaluations (also ns-eval) write the CSV next to the run."""
+
+    def set_experiment_name(self) -> None:
+        if self.experiment_name is None and self.pipeline.datamanager.data is None:
+            data = self.pipeline.datamanager.dataparser.data
+            self.experiment_name = (data.parent if data.is_file() else data).stem or "volume"
+        super().set_experiment_name()
+
+    def save_config(self) -> None:
+        """Called by ns-train just before training: fill in what follows from the final CLI values."""
+        if hasattr(self.pipeline, "run_dir"):
+            self.pipeline.run_dir = self.get_base_dir()
+        if hasattr(self.pipeline.datamanager, "max_iterations"):
+            self.pipeline.datamanager.max_iterations = self.max_num_iterations
+        for group in self.optimizers.values():
+            if isinstance(group.get("scheduler"), LogLinearDecaySchedulerConfig):
+                group["scheduler"].max_steps = self.max_num_iterations
+        super().save_config()
+
+
+@dataclass
+class HashGridAdamOptimizerConfig(OptimizerConfig):
+    """Lazy fused Adam for hash tables (only the entries a batch touched move; see hash_encoding.HashGridAdam)."""
+
+    _target: Type = HashGridAdam
+
+
+def default_machine() -> MachineConfig:
+    """CUDA when present, else the CPU (nerfstudio's own default assumes CUDA)."""
+    return MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class FusedAdamOptimizerConfig(AdamOptimizerConfig):
+    """Adam with torch's fused kernel (CPU and CUDA): one pass over the big hash table instead of several."""
+
+    _target: Type = torch.optim.Adam
+    fused: Optional[bool] = True
+
+
+@dataclass
+class LogLinearDecaySchedulerConfig(SchedulerConfig):
+    """Learning rate decaying exponentially from the optimizer's lr to `lr_final` over `max_steps`."""
+
+    _target: Type = field(default_factory=lambda: LogLinearDecayScheduler)
+    lr_final: float = 1e-4
+    max_steps: int = 3000
+
+
+class LogLinearDecayScheduler(Scheduler):
+    """nerfstudio's ExponentialDecayScheduler without warm-up, returning Python floats.
+
+    nerfstudio's version returns numpy scalars, which end up in the checkpoint's scheduler state and make
+    `torch.load(weights_only=True)` (torch's default, used by ns-eval and ns-viewer) refuse the file.
+    """
+
+    config: LogLinearDecaySchedulerConfig
+
+    def get_scheduler(self, optimizer: torch.optim.Optimizer, lr_init: float) -> torch.optim.lr_scheduler.LRScheduler:
+        ratio = self.config.lr_final / lr_init
+
+        def multiplier(step: int) -> float:
+            progress = min(max(step / self.config.max_steps, 0.0), 1.0)
+            return float(math.exp(math.log(ratio) * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=multiplier)
+
+
+FIT_ITERATIONS = 1000
+EDIT_ITERATIONS = 1000
+
+
+def fit_trainer_config() -> GridINRTrainerConfig:
+    """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks")."""
+    schedule = LogLinearDecaySchedulerConfig(lr_final=1e-4, max_steps=FIT_ITERATIONS)
+    return GridINRTrainerConfig(
+        method_name="gridinr-fit",
+        max_num_iterations=FIT_ITERATIONS,
+        steps_per_eval_batch=500,
+        steps_per_eval_image=500,
+        steps_per_eval_all_images=FIT_ITERATIONS,
+        steps_per_save=500,
+        save_only_latest_checkpoint=True,
+        mixed_precision=False,
+        machine=default_machine(),
+        pipeline=FitPipelineConfig(
+            datamanager=FitDataManagerConfig(max_iterations=FIT_ITERATIONS),
+        ),
+        optimizers={
+            "encoding": {
+                "optimizer": HashGridAdamOptimizerConfig(lr=1e-2, eps=1e-15),
+                "scheduler": schedule,
+            },
+            "mlp": {
+                "optimizer": FusedAdamOptimizerConfig(lr=1e-2, eps=1e-15),
+                "scheduler": schedule,
+            },
+        },
+        vis="viewer",
+    )
+
+
+gridinr_fit = MethodSpecification(
+    config=fit_trainer_config(),
+    description="Stage 1: fit a multi-resolution hash-grid INR (xyz -> value) to a scientific volume.",
+)
+
+
+def edit_trainer_config() -> GridINRTrainerConfig:
+    """Stage 2 defaults of the original design: lr 5e-4, 1000 iterations, renders every 20 steps."""
+    return GridINRTrainerConfig(
+        method_name="gridinr-edit",
+        max_num_iterations=EDIT_ITERATIONS,
+        steps_per_eval_batch=EDIT_ITERATIONS + 1,
+        steps_per_eval_image=200,
+        steps_per_eval_all_images=EDIT_ITERATIONS,
+        steps_per_save=200,
+        save_only_latest_checkpoint=True,
+        mixed_precision=False,
+        machine=default_machine(),
+        pipeline=EditPipelineConfig(),
+        optimizers={
+            "transfer_mlp": {
+                "optimizer": FusedAdamOptimizerConfig(lr=5e-4, eps=1e-15),
+                "scheduler": None,
+            },
+        },
+        vis="viewer",
+    )
+
+
+gridinr_edit = MethodSpecification(
+    config=edit_trainer_config(),
+    description="Stage 2: edit a fitted volume's look (transfer MLP) with CLIP and pixel losses through DVR.",
+)

@@ -1,0 +1,115 @@
+"""``gridinr-bench render``: rendering speed and fidelity of a fitted field vs the raw voxels, same cameras.
+
+Contenders, all with the run's transfer function and samples per ray, on the first `--views` eval cameras:
+
+- ``field``: the hash-grid INR evaluated at every sample (plain ray marcher);
+- ``field_accelerated``: the INR with early ray termination and empty-space skipping (min/max macrocells of
+  the raw voxels, which the field approximates, combined with the transfer function), evaluated per sample by
+  the fused C++ kernel (encoding and MLP per block of points) when the extension is built;
+- ``field_cache``: the INR decoded once onto a grid at the volume's resolution (decode time reported
+  separately), then rendered like the raw voxels;
+- ``raw_volume``: the reference renderer on the raw voxels (trilinear), as the reference images were made.
+
+PSNR/SSIM of each rendering are against the run's reference images (the PNGs nerfstudio trains against).
+Contenders run in turn per view so that load from other processes hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gridinr_nerfstudio.eval.metrics import ImageMetrics
+from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available
+from gridinr_nerfstudio.fields.volume_field import decode_field_cache
+from gridinr_nerfstudio.rendering.images import camera_rays, render_image
+from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
+from gridinr_nerfstudio.runs import load_run_pipeline
+
+CONTENDERS = ("field", "field_accelerated", "field_cache", "raw_volume")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "render", help="ms/frame of field, accelerated field, field cache and raw volume", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--load-config", type=Path, required=True, help="config.yml of a gridinr-fit run")
+    parser.add_argument("--views", type=int, default=3, help="eval views to render per contender")
+    parser.add_argument("--occupancy-resolution", type=int, default=None,
+                        help="macrocells per axis for empty-space skipping (default: the run's model setting)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    _, pipeline, _, _ = load_run_pipeline(args.load_config, test_mode="test")
+    model = pipeline.model
+    device = model.aabb.device
+    dataset = pipeline.datamanager.eval_dataset
+    views = min(args.views, len(dataset))
+
+    started = time.perf_counter()
+    cache = decode_field_cache(model.field, model.volume.info.dims)
+    decode_seconds = time.perf_counter() - started
+    raw = DenseGridField(torch.from_numpy(model.volume.normalized_array()), model.aabb[1].cpu()).to(device)
+    color = model.color_fn()
+    resolution = args.occupancy_resolution or model.config.occupancy_resolution
+    raw_cells = OccupancyGrid.from_volume(raw.volume, raw.half_size, resolution).update(color)
+    cache_cells = OccupancyGrid.from_volume(cache.volume, cache.half_size, resolution).update(color)
+    plain = {"num_samples": model.render_settings.num_samples, "background": model.render_kwargs()["background"]}
+
+    def field_values(points: torch.Tensor) -> torch.Tensor:
+        return model.field(points).clamp(0, 1)
+
+    contenders = {  # (sample function, ray-marching options)
+        "field": (lambda p: color(field_values(p)), {**plain, "early_stop_eps": 0.0}),
+        "field_accelerated": (lambda p: color(field_values(p)), {**plain, "occupancy_grid": raw_cells}),
+        "field_cache": (lambda p: color(cache(p).clamp(0, 1)), {**plain, "occupancy_grid": cache_cells}),
+        "raw_volume": (lambda p: color(raw(p)), plain),  # as the reference images are rendered
+    }
+    metrics = ImageMetrics(device=device)
+    seconds = {name: 0.0 for name in contenders}
+    scores = {name: [] for name in contenders}
+    with torch.no_grad():
+        for index in range(views):
+            origins, directions = camera_rays(dataset.cameras, index, device)
+            reference = dataset.get_image_float32(index)[..., :3].to(device)
+            for name, (sample_fn, kwargs) in contenders.items():
+                tick = time.perf_counter()
+                image = render_image(origins, directions, sample_fn, model.aabb, **kwargs)["rgb"].clamp(0, 1)
+                seconds[name] += time.perf_counter() - tick
+                scores[name].append(metrics(image, reference))
+
+    rays = views * int(dataset.cameras.width[0]) * int(dataset.cameras.height[0])
+    results = {}
+    for name in contenders:
+        results[name] = {
+            "ms_per_frame": 1000.0 * seconds[name] / views,
+            "rays_per_s": rays / seconds[name],
+            "psnr_db": float(np.mean([s["psnr"] for s in scores[name]])),
+            "ssim": float(np.mean([s["ssim"] for s in scores[name]])),
+        }
+    results["field_cache"]["decode_seconds"] = decode_seconds
+    results["config"] = {"views": views, "num_samples": model.render_settings.num_samples,
+                         "occupancy_resolution": resolution, "threads": torch.get_num_threads(),
+                         "field_evaluation": "fused C++" if cpp_extension_available() else "torch"}
+    print_table(results)
+    return results
+
+
+def print_table(results: dict) -> None:
+    config = results["config"]
+    raw_ms = results["raw_volume"]["ms_per_frame"]
+    print(f"{config['views']} views, {config['num_samples']} samples per ray, {config['occupancy_resolution']} "
+          f"macrocells per axis, field evaluated by {config['field_evaluation']}, torch threads {config['threads']}")
+    print(f"{'contender':<20}{'ms/frame':>12}{'rays/s':>14}{'x raw time':>12}{'PSNR dB':>10}{'SSIM':>9}")
+    for name in CONTENDERS:
+        row = results[name]
+        print(f"{name:<20}{row['ms_per_frame']:>12.1f}{row['rays_per_s']:>14.4g}{row['ms_per_frame'] / raw_ms:>12.2f}"
+              f"{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}")
+    print(f"field cache decoded once in {results['field_cache']['decode_seconds']:.2f} s")

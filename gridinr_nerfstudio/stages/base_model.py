@@ -1,0 +1,216 @@
+"""What both stages share as nerfstudio Models: rendering camera rays through a field with a transfer function.
+
+A subclass supplies `value_fn()` (world points -> normalised values) and `color_fn()` (values -> rgb, sigma);
+this class renders rays and whole camera images with the project's ray marcher, keeps the live render
+settings the viewer edits (its controls), and computes image metrics against the reference renderings
+(PSNR, SSIM, LPIPS when its weights are available).
+
+Acceleration (viewer, eval, videos): early ray termination and empty-space skipping with min/max
+macrocells of `occupancy_source()` combined with the current colour function; neither changes the image
+beyond 1e-4 transmittance. Normals (for shading and the `normals` output) are central differences of the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+import torch
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.models.base_model import Model, ModelConfig
+
+from gridinr_nerfstudio.data.volume_io import voxel_size_world
+from gridinr_nerfstudio.eval.metrics import ImageMetrics
+from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.fields.volume_field import decode_field_cache
+from gridinr_nerfstudio.rendering.images import render_image
+from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
+from gridinr_nerfstudio.rendering.raymarch import SampleFn, ValueFn, estimate_normals, render_rays
+from gridinr_nerfstudio.rendering.settings import RenderSettings
+from gridinr_nerfstudio.stages.viewer_controls import render_controls
+
+ColorFn = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StageModelConfig(ModelConfig):
+    """Rendering and evaluation options shared by gridinr-fit and gridinr-edit."""
+
+    _target: Type = field(default_factory=lambda: StageModel)
+    enable_collider: bool = False
+    """Rays are clipped to the scene box by the ray marcher itself."""
+    render_chunk_rays: int = 1 << 15
+    """Rays rendered at once for whole images (memory vs speed)."""
+    accelerate: bool = True
+    """Empty-space skipping and early ray termination for whole-image renders (viewer, eval, videos)."""
+    occupancy_resolution: int = 128
+    """Macrocells per axis of the empty-space-skipping grid (at most one per voxel). A sample's lookup costs the same
+    at any resolution, so finer cells skip more: on the built-in volume, 32 -> 96 cells cut the field evaluations
+    per frame from 2.58 M to 1.47 M (of 8.3 M samples); the lookup texture of 128^3 cells takes 9 MB."""
+    field_cache_resolution: int = 0
+    """Whole-image renders (viewer, eval, videos) read the field decoded onto a grid with this many voxels along
+    the longest axis (0: the volume's own resolution, capped at 256; -1: evaluate the INR at every sample)."""
+    field_cache_refresh_steps: int = 100
+    """While the field trains (stage 1), decode it again when a render comes this many steps after the last decode."""
+    compute_normals: bool = False
+    """Also output `normals` (gradient of the field) when shading is off; costs 6 field lookups per visible sample."""
+    lpips_net: str = "alex"
+    """LPIPS backbone (alex or vgg)."""
+    lpips_weights: Optional[Path] = None
+    """Backbone weights file for LPIPS (default: torchvision's cache); LPIPS is reported unavailable without it."""
+
+
+class StageModel(Model):
+    """Base model: renders rays through `sample_fn()`; subclasses define the field and the losses."""
+
+    config: StageModelConfig
+    field: torch.nn.Module
+    field_trains: bool = False
+    """True when the optimizer changes `field` (stage 1): the field cache then goes stale as training proceeds."""
+
+    def populate_modules(self):
+        super().populate_modules()
+        self.volume = self.kwargs["metadata"]["volume"].volume
+        self.render_settings: RenderSettings = copy.deepcopy(self.kwargs["metadata"]["render_settings"])
+        self.register_buffer("aabb", self.scene_box.aabb.clone().float(), persistent=False)
+        self._transfer_function_cache: Tuple[str, torch.nn.Module] | None = None
+        # Built on first use and not part of checkpoints: the decoded field and its empty-space macrocells.
+        self.__dict__["field_cache"] = None
+        self.__dict__["occupancy_grid"] = None
+        self.field_version, self.cache_version = 0, -1
+        for name, element in render_controls(self.render_settings).items():
+            setattr(self, f"viewer_{name}", element)
+        # Built lazily and kept out of the module tree: LPIPS weights are never part of our checkpoints.
+        self.__dict__["image_metrics"] = ImageMetrics(
+            lpips_net=self.config.lpips_net, lpips_weights=self.config.lpips_weights, device=self.aabb.device
+        )
+
+    def transfer_function(self) -> torch.nn.Module:
+        """The transfer function of the current render settings (rebuilt when the viewer changes them)."""
+        key = self.render_settings.fingerprint()
+        if self._transfer_function_cache is None or self._transfer_function_cache[0] != key:
+            tf = self.render_settings.transfer_function(voxel_size_world(self.volume)).to(self.aabb.device)
+            self._transfer_function_cache = (key, tf)
+        return self._transfer_function_cache[1]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.invalidate_field_cache()
+        return result
+
+    def invalidate_field_cache(self) -> None:
+        """Forget the decoded field (and its macrocells): the next render decodes the current field."""
+        self.__dict__["field_cache"] = None
+        self.__dict__["occupancy_grid"] = None
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        def advance(step: int) -> None:
+            self.field_version = step
+
+        return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], advance)] if self.field_trains else []
+
+    @torch.no_grad()
+    def cached_field(self) -> Optional[DenseGridField]:
+        """The field decoded onto a grid (refreshed when stale), or None when the cache is off."""
+        if self.config.field_cache_resolution < 0:
+            return None
+        stale = self.field_version - self.cache_version >= self.config.field_cache_refresh_steps
+        if self.field_cache is None or stale:
+            was_training = self.field.training
+            self.field.eval()
+            cache = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution)
+            self.field.train(was_training)
+            self.invalidate_field_cache()
+            self.__dict__["field_cache"] = cache
+            self.cache_version = self.field_version
+        return self.field_cache
+
+    def value_fn(self) -> ValueFn:
+        """World points (M, 3) -> normalised values (M,): the field cache when on, else the INR itself."""
+        cache = self.cached_field()
+        if cache is not None:
+            return lambda points: cache(points).clamp(0.0, 1.0)
+        return lambda points: self.field(points).clamp(0.0, 1.0)
+
+    def color_fn(self) -> ColorFn:
+        """Values (M,) -> (rgb (M, 3), sigma (M,)): the transfer function."""
+        raise NotImplementedError
+
+    def occupancy_source(self) -> torch.Tensor:
+        """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping):
+        the field cache when on (exact for what is rendered), else the raw voxels the field approximates."""
+        cache = self.cached_field()
+        return cache.volume if cache is not None else torch.from_numpy(self.volume.normalized_array())
+
+    def sample_fn(self) -> SampleFn:
+        """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""
+        values_at, color = self.value_fn(), self.color_fn()
+        return lambda points: color(values_at(points))
+
+    @torch.no_grad()
+    def occupancy(self, color_fn: ColorFn) -> OccupancyGrid:
+        """Macrocell grid of `occupancy_source()`, marked with what `color_fn` makes visible."""
+        if self.occupancy_grid is None:
+            grid = OccupancyGrid.from_volume(
+                self.occupancy_source(), self.aabb[1].cpu(), resolution=self.config.occupancy_resolution
+            ).to(self.aabb.device)
+            self.__dict__["occupancy_grid"] = grid
+        return self.occupancy_grid.update(color_fn)
+
+    def render_kwargs(self, accelerate: bool = False) -> Dict:
+        """Ray-marching options from the live render settings."""
+        settings = self.render_settings
+        kwargs: Dict = {
+            "num_samples": settings.num_samples,
+            "background": torch.tensor(settings.background, dtype=torch.float32, device=self.aabb.device),
+            "shading": settings.shading,
+        }
+        if settings.shading or self.config.compute_normals:
+            values_at, eps = self.value_fn(), 0.5 * voxel_size_world(self.volume)
+            kwargs["normal_fn"] = lambda points: estimate_normals(values_at, points, eps)
+        if accelerate:
+            kwargs["occupancy_grid"] = self.occupancy(self.color_fn())
+        else:
+            kwargs["early_stop_eps"] = 0.0
+        return kwargs
+
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
+        shape = ray_bundle.origins.shape[:-1]
+        out = render_rays(
+            ray_bundle.origins.reshape(-1, 3),
+            ray_bundle.directions.reshape(-1, 3),
+            self.sample_fn(),
+            self.aabb,
+            stratified=self.training,
+            **self.render_kwargs(),
+        )
+        return {key: value.reshape(*shape, -1) for key, value in out.items() if torch.is_tensor(value) and value.dim() >= 1}
+
+    @torch.no_grad()
+    def get_outputs_for_camera_ray_bundle(self, camera_ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
+        """Whole images in large chunks through our renderer (nerfstudio's default chunks are tuned for NeRFs)."""
+        return render_image(
+            camera_ray_bundle.origins,
+            camera_ray_bundle.directions,
+            self.sample_fn(),
+            self.aabb,
+            chunk_rays=self.config.render_chunk_rays,
+            **self.render_kwargs(accelerate=self.config.accelerate),
+        )
+
+    def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
+        raise NotImplementedError
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+        """PSNR, SSIM and (when available) LPIPS of a rendered view against its reference rendering."""
+        reference = batch["image"][..., :3].to(outputs["rgb"].device).float()
+        rendered = outputs["rgb"].clamp(0, 1)
+        scores = self.image_metrics(rendered, reference)
+        metrics = {key: float(value) for key, value in scores.items() if value is not None}
+        images = {"img": torch.cat([reference, rendered], dim=1), "accumulation": outputs["accumulation"]}
+        return metrics, images

@@ -1,0 +1,64 @@
+"""What both stages' pipelines share: evaluation with speed figures and a metrics CSV row next to the run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Type
+
+import torch
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+
+from gridinr_nerfstudio.eval.eval_log import append_metrics_row
+
+
+@dataclass
+class StagePipelineConfig(VanillaPipelineConfig):
+    """Shared by both stages: evaluation adds speed figures and a CSV row next to the run."""
+
+    _target: Type = field(default_factory=lambda: StagePipeline)
+    run_dir: Optional[Path] = None
+    """The run's output folder (filled in when training starts); evaluations append to run_dir/metrics.csv."""
+    stage: str = ""
+    """Stage name written to the metrics CSV (each stage's config sets its own)."""
+
+
+class StagePipeline(VanillaPipeline):
+    """Evaluation common to both stages: nerfstudio's image metrics plus ms/frame, rays/s and a CSV row."""
+
+    config: StagePipelineConfig
+    loaded_step: Optional[int] = None
+
+    def load_pipeline(self, loaded_state, step: int) -> None:
+        """Remember the checkpoint's step so ns-eval's CSV row says which step it measured."""
+        super().load_pipeline(loaded_state, step)
+        self.loaded_step = step
+
+    def extra_eval_metrics(self) -> dict:
+        """Stage-specific metrics added to every full evaluation."""
+        return {}
+
+    @torch.no_grad()
+    def get_average_eval_image_metrics(
+        self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
+    ):
+        started = time.perf_counter()
+        metrics = super().get_average_eval_image_metrics(step=step, output_path=output_path, get_std=get_std)
+        model = self.model
+        metrics["ms_per_frame"] = 1000.0 / metrics["fps"]
+        metrics["rays_per_s"] = metrics["num_rays_per_sec"]
+        if not model.image_metrics.lpips_available:
+            metrics["lpips"] = None
+            metrics["lpips_unavailable"] = model.image_metrics.lpips_unavailable_reason
+        metrics.update(self.extra_eval_metrics())
+        metrics["eval_seconds"] = time.perf_counter() - started
+        if self.config.run_dir is not None:
+            append_metrics_row(
+                Path(self.config.run_dir) / "metrics.csv",
+                run=Path(self.config.run_dir).name,
+                stage=self.config.stage,
+                step=step if step is not None else (self.loaded_step if self.loaded_step is not None else -1),
+                metrics={key: value for key, value in metrics.items() if not isinstance(value, str)},  # reasons stay in JSON
+            )
+        return metrics

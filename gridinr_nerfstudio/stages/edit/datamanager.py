@@ -1,0 +1,63 @@
+"""DataManager of stage 2: whole training views (camera + reference rendering) per step.
+
+CLIP needs whole images, so a training batch is `views_per_step` random orbit views with their reference
+renderings, instead of nerfstudio's random rays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Literal, Tuple, Type, Union
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.datasets.base_dataset import InputDataset
+
+from gridinr_nerfstudio.data.dataparser import VolumeDataParserConfig
+
+
+@dataclass
+class EditDataManagerConfig(VanillaDataManagerConfig):
+    """Random whole training views with their reference renderings."""
+
+    _target: Type = field(default_factory=lambda: EditDataManager)
+    dataparser: VolumeDataParserConfig = field(default_factory=VolumeDataParserConfig)
+    views_per_step: int = 1
+    """Training views rendered per step."""
+    seed: int = 0
+    """Seed of the view sampler."""
+
+
+class EditDataManager(VanillaDataManager[InputDataset]):
+    """Holds the training reference images in memory and hands out random views."""
+
+    config: EditDataManagerConfig
+
+    def __init__(
+        self,
+        config: EditDataManagerConfig,
+        device: Union[torch.device, str] = "cpu",
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        **kwargs,
+    ):
+        self.generator = torch.Generator().manual_seed(config.seed + local_rank)
+        super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank)
+
+    def setup_train(self):
+        """Load every training reference rendering once (a few MB at 256x256)."""
+        dataset = self.train_dataset
+        self.train_images = torch.stack([dataset.get_image_float32(i)[..., :3] for i in range(len(dataset))])
+
+    def next_train(self, step: int) -> Tuple[Cameras, Dict]:
+        """`views_per_step` random training cameras and their reference images (K, H, W, 3)."""
+        self.train_count += 1
+        indices = torch.randperm(len(self.train_dataset), generator=self.generator)[: self.config.views_per_step]
+        cameras = self.train_dataset.cameras[indices].to(self.device)
+        return cameras, {"image": self.train_images[indices].to(self.device), "indices": indices}
+
+    def get_train_rays_per_batch(self) -> int:
+        camera = self.train_dataset.cameras[0]
+        return int(camera.width) * int(camera.height) * self.config.views_per_step

@@ -1,0 +1,192 @@
+"""Stage 2 pipeline: load the stage-1 run, train the transfer MLP with CLIP + pixel losses, evaluate.
+
+`--pipeline.stage1-config outputs/.../gridinr-fit/<timestamp>/config.yml` is all stage 2 needs: the volume,
+cameras and reference render settings, the field sizes and its checkpoint all come from that run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Literal, Optional, Tuple, Type
+
+import torch
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from gridinr_nerfstudio.eval.eval_log import save_render_grid
+from gridinr_nerfstudio.runs import load_run_config
+from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
+from gridinr_nerfstudio.stages.edit.clip_loss import (
+    ClipLoss,
+    ClipWeightsUnavailable,
+    LoadedClip,
+    clip_cosine,
+    load_clip,
+)
+from gridinr_nerfstudio.stages.edit.datamanager import EditDataManagerConfig
+from gridinr_nerfstudio.stages.edit.model import EditModelConfig
+
+
+@dataclass
+class EditPipelineConfig(StagePipelineConfig):
+    """Stage 2: edit the look of a fitted volume."""
+
+    _target: Type = field(default_factory=lambda: EditPipeline)
+    datamanager: EditDataManagerConfig = field(default_factory=EditDataManagerConfig)
+    model: EditModelConfig = field(default_factory=EditModelConfig)
+    stage1_config: Optional[Path] = None
+    """config.yml of the gridinr-fit run to edit (required for training)."""
+    steps_per_render: int = 20
+    """Save a grid of intermediate renderings (eval views) every this many steps."""
+    stage: str = "edit"
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """Newest step-*.ckpt of a nerfstudio run folder."""
+    checkpoints = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir / 'nerfstudio_models'}: no step-*.ckpt checkpoint in the stage-1 run")
+    return checkpoints[-1]
+
+
+def adopt_stage1_run(config: EditPipelineConfig) -> None:
+    """Copy the volume, cameras, render settings, field sizes and checkpoint of the stage-1 run into `config`."""
+    path = Path(config.stage1_config)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: stage-1 config not found (pass the config.yml of a gridinr-fit run)")
+    stage1 = load_run_config(path)
+    if getattr(stage1, "method_name", None) != "gridinr-fit":
+        raise ValueError(f"{path}: not a gridinr-fit run (method {getattr(stage1, 'method_name', None)!r})")
+    config.datamanager.dataparser = stage1.pipeline.datamanager.dataparser
+    config.datamanager.data = stage1.pipeline.datamanager.data
+    config.model.field = stage1.pipeline.model.field
+    config.model.stage1_checkpoint = latest_checkpoint(path.parent)
+
+
+class EditPipeline(StagePipeline):
+    """Trains the transfer MLP on whole rendered views."""
+
+    config: EditPipelineConfig
+
+    def __init__(self, config: EditPipelineConfig, device: str, test_mode: Literal["test", "val", "inference"] = "val", **kwargs):
+        if config.stage1_config is not None:
+            adopt_stage1_run(config)
+        elif config.model.stage1_checkpoint is None and test_mode == "val":
+            raise ValueError("gridinr-edit needs --pipeline.stage1-config PATH/config.yml of a gridinr-fit run")
+        super().__init__(config, device=device, test_mode=test_mode, **kwargs)
+        model = self.model
+        self.clip: Optional[LoadedClip] = None
+        self.clip_unavailable_reason: Optional[str] = None
+        training = test_mode == "val"
+        if model.config.lam_clip > 0 or not training:
+            try:
+                self.clip = load_clip(model.config.clip_model, model.config.clip_weights or model.config.clip_pretrained, device=device)
+            except ClipWeightsUnavailable as error:
+                if training:
+                    raise  # training with a CLIP term needs the weights: stop at once with the explanation
+                self.clip_unavailable_reason = str(error)
+        if self.clip is not None:
+            model.set_clip_loss(ClipLoss(
+                self.clip,
+                target_text=None if model.config.target_image else model.config.prompt,
+                target_image=model.config.target_image,
+                directional=model.config.directional,
+                source_text=model.config.source_prompt,
+                crops_per_image=model.config.clip_crops,
+            ))
+        self.second_clip = self._load_second_clip() if not training else None
+
+    def _load_second_clip(self) -> Optional[LoadedClip]:
+        """A CLIP model the edit was not trained on, for an independent score; None when unavailable."""
+        name = self.model.config.second_clip_model
+        if name is None:
+            return None
+        try:
+            return load_clip(name, self.model.config.second_clip_pretrained, device=self.device)
+        except (ClipWeightsUnavailable, ValueError) as error:
+            CONSOLE.print(f"Second CLIP model unavailable: {error}")
+            return None
+
+    def get_train_loss_dict(self, step: int):
+        """nerfstudio's contract with whole views for rays: outputs, then `get_metrics_dict` and `get_loss_dict`."""
+        cameras, batch = self.datamanager.next_train(step)
+        outputs = self.model.get_view_outputs(cameras)
+        metrics = self.model.get_metrics_dict(outputs, batch)
+        loss_dict = self.model.get_loss_dict(outputs, batch, metrics)
+        return {"rgb": outputs["rgb"].detach()}, loss_dict, metrics
+
+    @torch.no_grad()
+    def get_eval_loss_dict(self, step: int):
+        self.eval()
+        _, loss_dict, metrics = self.get_train_loss_dict(step)
+        self.train()
+        return {}, loss_dict, metrics
+
+    def clip_target(self, clip: LoadedClip) -> torch.Tensor:
+        """Unit embedding of the edit target under `clip`."""
+        config = self.model.config
+        if config.target_image is not None:
+            return clip.encode_image_file(config.target_image)[0]
+        return clip.encode_text(config.prompt or "")[0]
+
+    @torch.no_grad()
+    def extra_eval_metrics(self) -> dict:
+        """CLIP cosine of the eval views to the target (also under a second CLIP model when available);
+        saves reference/edit pairs of the first eval views for `gridinr-report`."""
+        metrics: dict = {}
+        scorers: List[Tuple[str, Optional[LoadedClip]]] = [("clip_cosine", self.clip)]
+        if self.model.config.second_clip_model is not None:
+            scorers.append((f"clip_cosine_{self.model.config.second_clip_model}", self.second_clip))
+        need_all = any(clip is not None for _, clip in scorers)
+        images = self.render_eval_views(None if need_all else 4)
+        self.save_before_after(images[:4])
+        for name, clip in scorers:
+            if clip is None:
+                metrics[name] = None
+                metrics[f"{name}_unavailable"] = self.clip_unavailable_reason or "CLIP weights not available"
+            else:
+                metrics[name] = float(clip_cosine(clip, images, self.clip_target(clip)).mean())
+        return metrics
+
+    def save_before_after(self, edits: torch.Tensor) -> None:
+        """renders/reference_<view>.png and renders/edit_<view>.png (the layout gridinr-report reads)."""
+        if self.config.run_dir is None:
+            return
+        folder = Path(self.config.run_dir) / "renders"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, edit in enumerate(edits):
+            reference = self.datamanager.eval_dataset.get_image_float32(index)[..., :3]
+            save_render_grid([reference], folder / f"reference_{index:03d}.png", ncols=1, padding=0)
+            save_render_grid([edit.cpu()], folder / f"edit_{index:03d}.png", ncols=1, padding=0)
+
+    @torch.no_grad()
+    def render_eval_views(self, count: Optional[int] = None) -> torch.Tensor:
+        """Renderings (K, H, W, 3) of the first `count` eval views (all by default)."""
+        cameras = self.datamanager.eval_dataset.cameras
+        count = len(cameras) if count is None else min(count, len(cameras))
+        self.model.eval()
+        images = self.model.render_views(cameras[torch.arange(count)].to(self.device))
+        self.model.train(self.training)
+        return images.clamp(0, 1)
+
+    def save_intermediate_renders(self, step: int) -> None:
+        """Grid of the first eval views (reference row above the edit row) in run_dir/renders/."""
+        if self.config.run_dir is None:
+            return
+        folder = Path(self.config.run_dir) / "renders"
+        edits = self.render_eval_views(4)
+        references = torch.stack([self.datamanager.eval_dataset.get_image_float32(i)[..., :3] for i in range(edits.shape[0])])
+        save_render_grid(list(references) + list(edits.cpu()), folder / f"step_{step:06d}.png", ncols=edits.shape[0])
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        callbacks.append(
+            TrainingCallback(
+                [TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                self.save_intermediate_renders,
+                update_every_num_iters=self.config.steps_per_render,
+                args=[],
+            )
+        )
+        return callbacks

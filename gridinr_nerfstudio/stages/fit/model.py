@@ -1,0 +1,107 @@
+"""Stage 1 model `gridinr-fit`: a hash-grid INR regressed onto voxel values.
+
+Training batches are points with target values (see volume_datamanager); camera rays render the field
+through the default transfer function so the viewer shows the volume while it trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Literal, Type
+
+import numpy as np
+import torch
+
+from gridinr_nerfstudio.data.volume_io import Volume
+from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
+from gridinr_nerfstudio.stages.base_model import StageModel, StageModelConfig
+
+
+@dataclass
+class FitModelConfig(StageModelConfig):
+    """Hash-grid INR fitted to voxel values."""
+
+    _target: Type = field(default_factory=lambda: FitModel)
+    field: VolumeFieldSettings = field(default_factory=VolumeFieldSettings)
+    """Encoding and MLP sizes."""
+    loss: Literal["l2", "l1"] = "l2"
+    """Loss on normalised values."""
+    volume_psnr_chunk: int = 1 << 18
+    """Voxels evaluated at once when computing the volume PSNR."""
+
+
+class FitModel(StageModel):
+    """Stage 1: fit the field; render it with the default transfer function."""
+
+    config: FitModelConfig
+    field_trains = True
+
+    def populate_modules(self):
+        super().populate_modules()
+        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
+
+    def color_fn(self):
+        return self.transfer_function()
+
+    def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
+        return {"encoding": list(self.field.encoding.parameters()), "mlp": list(self.field.mlp.parameters())}
+
+    def get_point_outputs(self, points: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The field's values (N,) at world points (N, 3) inside the box: stage 1 trains on points, not rays."""
+        return {"value": self.field.forward_unit(self.field.to_unit_cube(points))}
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        """PSNR of the batch's values (L2 loss only)."""
+        if "value" not in outputs or self.config.loss == "l1":
+            return {}
+        mse = (outputs["value"].detach() - batch["values"]).square().mean()
+        return {"value_psnr": -10.0 * torch.log10(mse.clamp(min=1e-20))}
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        """L2 (or L1) of the field's values against the voxel targets of the batch."""
+        error = outputs["value"] - batch["values"]
+        return {"value_loss": error.abs().mean() if self.config.loss == "l1" else error.square().mean()}
+
+    def volume_psnr(self) -> float:
+        """PSNR (dB) of the field at every voxel centre of the volume (see `volume_psnr`)."""
+        return volume_psnr(self.field.forward_unit, self.volume, self.aabb.device, self.config.volume_psnr_chunk)
+
+    def count_parameters(self) -> int:
+        return int(sum(p.numel() for p in self.field.parameters()))
+
+    def model_bytes(self) -> int:
+        return int(sum(p.numel() * p.element_size() for p in self.field.parameters()))
+
+    def compression_ratio(self) -> float:
+        """Volume bytes (in its own dtype) over model bytes."""
+        volume_bytes = int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
+        return volume_bytes / self.model_bytes()
+
+
+@torch.no_grad()
+def volume_psnr(value_at_unit: Callable[[torch.Tensor], torch.Tensor], volume: Volume, device: torch.device | str = "cpu",
+                chunk: int = 1 << 18) -> float:
+    """PSNR (dB, normalised units, data range 1) of a field at every voxel centre, at native resolution.
+
+    `value_at_unit` maps points in the unit cube (N, 3) to values (N,); predictions are clamped to [0, 1].
+    The volume is read in z-slabs through its memmap, so this works for volumes larger than memory.
+    """
+    size_x, size_y, size_z = volume.info.dims
+    slab = max(1, chunk // (size_x * size_y))
+    axes = [torch.linspace(0.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (size_x, size_y)]
+    grid_y, grid_x = torch.meshgrid(axes[1], axes[0], indexing="ij")
+    squared_error, count = 0.0, 0
+    for z0 in range(0, size_z, slab):
+        z1 = min(size_z, z0 + slab)
+        target = torch.from_numpy(volume.normalized_slab(z0, z1)).to(device).float()
+        unit_z = torch.arange(z0, z1, device=device, dtype=torch.float32) / max(size_z - 1, 1)
+        unit = torch.stack(
+            [grid_x.expand(z1 - z0, -1, -1), grid_y.expand(z1 - z0, -1, -1), unit_z[:, None, None].expand(-1, size_y, size_x)],
+            dim=-1,
+        ).reshape(-1, 3)
+        predicted = value_at_unit(unit).reshape(target.shape)
+        squared_error += float((predicted.clamp(0, 1) - target).double().square().sum())
+        count += target.numel()
+    mse = squared_error / count
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)

@@ -1,0 +1,49 @@
+"""Stage 1 pipeline: point batches for training; image metrics, volume PSNR and speed for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Type
+
+import torch
+
+from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.model import FitModelConfig
+
+
+@dataclass
+class FitPipelineConfig(StagePipelineConfig):
+    """Stage 1: fit a hash-grid INR to voxel values."""
+
+    _target: Type = field(default_factory=lambda: FitPipeline)
+    datamanager: FitDataManagerConfig = field(default_factory=FitDataManagerConfig)
+    model: FitModelConfig = field(default_factory=FitModelConfig)
+    stage: str = "fit"
+
+
+class FitPipeline(StagePipeline):
+    """Trains the field on point batches instead of rays."""
+
+    config: FitPipelineConfig
+
+    def get_train_loss_dict(self, step: int):
+        """nerfstudio's contract with points for rays: outputs, then `get_metrics_dict` and `get_loss_dict`."""
+        points, batch = self.datamanager.next_train(step)
+        outputs = self.model.get_point_outputs(points)
+        metrics_dict = self.model.get_metrics_dict(outputs, batch)
+        return outputs, self.model.get_loss_dict(outputs, batch, metrics_dict), metrics_dict
+
+    @torch.no_grad()
+    def get_eval_loss_dict(self, step: int):
+        points, batch = self.datamanager.next_train(step)
+        outputs = self.model.get_point_outputs(points)
+        return {}, self.model.get_loss_dict(outputs, batch), {}
+
+    def extra_eval_metrics(self) -> dict:
+        model = self.model
+        return {
+            "volume_psnr": model.volume_psnr(),
+            "params": model.count_parameters(),
+            "compression_ratio": model.compression_ratio(),
+        }

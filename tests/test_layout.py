@@ -1,0 +1,124 @@
+"""The package's floor plan (DESIGN.md): light entry points, no import cycles, small modules, old runs still load."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gridinr_nerfstudio"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HEAVY = ("open_clip", "lpips", "matplotlib")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def module_level_imports(path: Path, known: set[str]) -> set[str]:
+    """Package modules imported when `path` is imported (module level, outside `if TYPE_CHECKING:`)."""
+    found: set[str] = set()
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names if alias.name in known)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gridinr_nerfstudio"):
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    found.add(submodule if submodule in known else node.module)
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_entry_point_modules_import_nothing_heavy():
+    """nerfstudio imports every method entry point at the start of any ns-* command: ours import no CLIP, LPIPS
+    or matplotlib themselves (nerfstudio's own dataparser registry imports matplotlib; that is not ours)."""
+    script = f"""
+import builtins, sys, traceback
+heavy = {HEAVY!r}
+original = builtins.__import__
+def guarded(name, globals=None, *args, **kwargs):
+    importer = (globals or {{}}).get("__name__", "")
+    if name.split(".")[0] in heavy and importer.startswith("gridinr_nerfstudio"):
+        raise AssertionError(f"{{importer}} imports {{name}} at import time")
+    return original(name, globals, *args, **kwargs)
+builtins.__import__ = guarded
+import gridinr_nerfstudio.gridinr_config
+import gridinr_nerfstudio.data.dataparser
+print(sorted(m for m in ("open_clip", "lpips") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {name: module_level_imports(path, set(known)) - {name} for name, path in known.items()}
+    # A package's __init__ runs before its submodules: importing a.b imports a.
+    for name in list(graph):
+        parent = name.rpartition(".")[0]
+        if parent in graph:
+            graph[name].add(parent)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert "gridinr_nerfstudio.stages.base_model" in graph  # the walk saw the package
+
+
+def test_no_module_over_600_lines():
+    long = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert {name: lines for name, lines in long.items() if lines > 600} == {}
+
+
+def test_run_written_by_the_old_flat_layout_still_loads(tmp_path):
+    """config.yml + checkpoint written by release 0.1 (flat package, GridINRFit* names) load into today's classes
+    and evaluate to the volume PSNR measured when they were written."""
+    from gridinr_nerfstudio.runs import load_run_pipeline
+    from gridinr_nerfstudio.stages.fit.model import FitModel
+
+    run = shutil.copytree(FIXTURES / "old_layout_fit", tmp_path / "old-run")
+    expected = json.loads((run / "expected.json").read_text())
+
+    def local_cache(config):
+        config.pipeline.datamanager.dataparser.cache_dir = tmp_path / "references"
+        return config
+
+    config, pipeline, checkpoint, step = load_run_pipeline(run / "config.yml", update_config=local_cache)
+    assert isinstance(pipeline.model, FitModel)
+    assert checkpoint.parent == run / "nerfstudio_models" and step == expected["step"]
+    assert pipeline.model.volume_psnr() == pytest.approx(expected["volume_psnr"], abs=1e-3)
