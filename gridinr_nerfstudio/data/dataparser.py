@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional, Type
 
 import imageio.v3 as iio
-import numpy as np
 import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
@@ -143,11 +142,11 @@ def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSetti
     if done_marker.exists() and all(path.exists() for path in filenames):
         return filenames
     from gridinr_nerfstudio.fields.dense_grid import DenseGridField
-    from gridinr_nerfstudio.rendering.images import render_camera
+    from gridinr_nerfstudio.rendering.images import render_camera, to_uint8
 
     folder.mkdir(parents=True, exist_ok=True)
     CONSOLE.print(f"Rendering {len(cameras)} reference views of {volume.info.name} into {folder}")
-    grid = DenseGridField(torch.from_numpy(volume.normalized_array()), torch.as_tensor(np.asarray(volume.half_size)))
+    grid = DenseGridField.from_volume(volume)
     transfer_function = settings.transfer_function(voxel_size_world(volume))
     background = torch.tensor(settings.background, dtype=torch.float32)
 
@@ -159,7 +158,7 @@ def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSetti
             out = render_camera(
                 cameras, index, sample_fn, scene_aabb(volume), num_samples=settings.num_samples, background=background
             )
-            image = (out["rgb"].clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+            image = to_uint8(out["rgb"].numpy())
             iio.imwrite(path, image)
     done_marker.write_text(json.dumps({"volume": volume.info.name, "views": len(filenames)}))
     return filenames

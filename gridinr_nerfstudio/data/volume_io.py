@@ -15,9 +15,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_DTYPES = (
     "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64",
@@ -553,7 +556,7 @@ def _one_line(error: BaseException) -> str:
 # --- world geometry (DESIGN.md, "Coordinates") --------------------------------------------------------------------
 
 
-def scene_aabb(volume: Volume) -> "torch.Tensor":
+def scene_aabb(volume: Volume) -> torch.Tensor:
     """Scene box (2, 3) of the volume: [-h, h] per DESIGN.md."""
     import torch  # here: reading volumes needs no torch (and stays light under tight memory limits)
 

@@ -17,6 +17,8 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+from gridinr_nerfstudio.rendering.images import to_uint8
+
 KEY_COLUMNS = ("run", "stage", "step")
 
 
@@ -75,7 +77,7 @@ def _as_rgb_uint8(image: torch.Tensor | np.ndarray, index: int) -> np.ndarray:
     if array.ndim != 3 or array.shape[-1] not in (1, 3):
         raise ValueError(f"image {index}: expected shape (H, W), (H, W, 1) or (H, W, 3), got {array.shape}")
     array = np.broadcast_to(array, (*array.shape[:2], 3))
-    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return to_uint8(array)
 
 
 def save_render_grid(images: Sequence[torch.Tensor | np.ndarray], path: Path, ncols: int, padding: int = 2) -> Path:

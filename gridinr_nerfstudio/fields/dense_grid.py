@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,11 @@ class DenseGridField(nn.Module):
             raise ValueError(f"half_size must be 3 positive numbers (x, y, z), got {half.tolist()}")
         self.register_buffer("volume", volume.contiguous())
         self.register_buffer("half_size", half)
+
+    @classmethod
+    def from_volume(cls, volume) -> "DenseGridField":
+        """The raw voxels of a `data.volume_io.Volume`, normalised to [0, 1], spanning its scene box."""
+        return cls(torch.from_numpy(volume.normalized_array()), torch.as_tensor(np.asarray(volume.half_size)))
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """Values (M,) at world points (M, 3) (x, y, z)."""

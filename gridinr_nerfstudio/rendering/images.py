@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
 from nerfstudio.cameras.cameras import Cameras
 
 from gridinr_nerfstudio.rendering.raymarch import SampleFn, render_rays
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Colours in [0, 1] (clipped) -> uint8, rounded to nearest: how every PNG, video frame and reference is written."""
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def camera_rays(cameras: Cameras, index: int, device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from gridinr_nerfstudio.rendering.images import to_uint8
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 OutputKind = Literal["rgb", "depth", "normals"]
 PathKind = Literal["orbit", "spiral"]
@@ -94,10 +96,6 @@ def depth_range(depths: list[np.ndarray], accumulations: list[np.ndarray]) -> tu
     if visible.size == 0:
         return 0.0, 1.0
     return float(visible.min()), float(visible.max())
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def render_frames(model, cameras, kind: OutputKind, depth_colormap: str = "viridis") -> Iterator[np.ndarray]:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     cache = decode_field_cache(model.field, model.volume.info.dims)
     decode_seconds = time.perf_counter() - started
-    raw = DenseGridField(torch.from_numpy(model.volume.normalized_array()), model.aabb[1].cpu()).to(device)
+    raw = DenseGridField.from_volume(model.volume).to(device)
     color = model.color_fn()
     resolution = args.occupancy_resolution or model.config.occupancy_resolution
     raw_cells = OccupancyGrid.from_volume(raw.volume, raw.half_size, resolution).update(color)

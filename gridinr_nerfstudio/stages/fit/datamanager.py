@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Tuple, Type, Union
 
-import numpy as np
 import torch
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.datasets.base_dataset import InputDataset
@@ -61,8 +60,7 @@ class VolumePointSampler:
         self.epoch_position = 0
         self.dense: DenseGridField | None = None
         if self.num_voxels * 4 <= preload_max_bytes:
-            normalized = torch.from_numpy(volume.normalized_array())
-            self.dense = DenseGridField(normalized, torch.as_tensor(np.asarray(volume.half_size))).to(device)
+            self.dense = DenseGridField.from_volume(volume).to(device)
 
     def coarse_phase(self, step: int) -> bool:
         """True while training on the strided sub-grid."""
