@@ -122,3 +122,44 @@ def test_run_written_by_the_old_flat_layout_still_loads(tmp_path):
     assert isinstance(pipeline.model, FitModel)
     assert checkpoint.parent == run / "nerfstudio_models" and step == expected["step"]
     assert pipeline.model.volume_psnr() == pytest.approx(expected["volume_psnr"], abs=1e-3)
+
+
+LAYERS = {
+    "data.volume_io": 0, "data.default_volume": 0, "data.orbit_cameras": 0,
+    "fields": 1, "transfer": 1,
+    "rendering": 2,
+    "data.dataparser": 3, "eval": 3, "runs": 3,
+    "stages": 4,
+    "gridinr_config": 5, "scripts": 5,
+}
+"""DESIGN.md's layers: a module imports only from its own level or lower ones."""
+
+
+def layer(module: str) -> int | None:
+    short = module.removeprefix("gridinr_nerfstudio").lstrip(".")
+    matches = [prefix for prefix in LAYERS if short == prefix or short.startswith(prefix + ".")]
+    return LAYERS[max(matches, key=len)] if matches else None
+
+
+def test_layers_import_only_downwards():
+    wrong = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gridinr_nerfstudio."):
+                if layer(name) is not None and layer(node.module) is not None and layer(node.module) > layer(name):
+                    wrong.append(f"{name} (level {layer(name)}) imports {node.module} (level {layer(node.module)})")
+    assert wrong == []
+    unplaced = [name for name, path in modules().items() if path.name != "__init__.py" and layer(name) is None]
+    assert unplaced == []  # every module sits in a layer
+
+
+def test_design_module_table_matches_the_tree():
+    design = (PACKAGE.parent / "DESIGN.md").read_text()
+    listed = set()
+    for line in design.splitlines():
+        cell = line.split("|")[1] if line.startswith("| `") else ""
+        if cell.strip().endswith((".py`", ".cpp`")):
+            listed.add(cell.strip().strip("`"))
+    files = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*") if path.suffix in (".py", ".cpp")
+             and path.name != "__init__.py"}
+    assert listed == files
