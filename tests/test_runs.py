@@ -16,8 +16,7 @@ import torch
 from nerfstudio.engine.trainer import Trainer
 from tiny_runs import train_tiny_edit, train_tiny_fit
 
-from gridinr_nerfstudio.runs import RunConfigError, load_run_pipeline, read_newest_checkpoint
-from gridinr_nerfstudio.stages.edit.pipeline import latest_checkpoint
+from gridinr_nerfstudio.runs import RunConfigError, load_run_pipeline
 
 
 class Killed(BaseException):
@@ -103,15 +102,19 @@ def test_readers_take_the_newest_checkpoint_that_loads(tiny_fit_run, tmp_path):
     (models / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (models / "notes.txt").write_text("a stray file")
 
-    assert read_newest_checkpoint(models)[:2] == (good, good_step)
-    assert latest_checkpoint(run) == good  # the edit stage's stage-1 lookup
     _, pipeline, checkpoint, step = load_run_pipeline(run / "config.yml")
     assert (checkpoint, step) == (good, good_step)
+    from gridinr_nerfstudio.runs import read_newest_checkpoint
+    from gridinr_nerfstudio.stages.edit.pipeline import latest_checkpoint
+
+    assert read_newest_checkpoint(models)[:2] == (good, good_step)
+    assert latest_checkpoint(run) == good  # the edit stage's stage-1 lookup
     assert not marker.exists()  # weights_only: the hostile checkpoint was refused, not run
 
     # Resume (`--load-dir`) from that folder continues from the good checkpoint.
     def resume(config):
         config.load_dir = models
+        config.steps_per_eval_all_images = config.steps_per_eval_image = config.steps_per_eval_batch = 10**6
 
     resumed = train_tiny_fit(tmp_path / "resumed", iterations=good_step + 3, configure=resume)
     assert [path.name for path in checkpoints(resumed)] == [f"step-{good_step + 2:09d}.ckpt"]
@@ -125,6 +128,7 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypa
 
     def save_every_4(config):
         config.steps_per_save = 4
+        config.steps_per_eval_all_images = config.steps_per_eval_image = config.steps_per_eval_batch = 10**6
 
     whole = train_tiny_fit(tmp_path / "whole", iterations=iterations, configure=save_every_4)
 
@@ -233,6 +237,8 @@ def test_an_edit_run_keeps_the_field_it_was_trained_on(tmp_path):
         config.load_dir = stage1.parent / "nerfstudio_models"
 
     train_tiny_fit(tmp_path / "outputs", iterations=60, configure=train_further)
+    from gridinr_nerfstudio.runs import read_newest_checkpoint
+
     further = read_newest_checkpoint(stage1.parent / "nerfstudio_models")[2]["pipeline"]
     kept = torch.load(edit.parent / "stage1_field.ckpt", weights_only=True)["pipeline"]
     assert any(not torch.equal(kept[key], further[key]) for key in kept)
