@@ -75,6 +75,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", real_save)
     folder = tmp_path / "builtin-default" / "gridinr-fit" / "tiny" / "nerfstudio_models"
     assert [path.name for path in folder.iterdir()] == ["step-000000002.ckpt"]  # nothing partial, step 2 kept
+    written = Path(getattr(calls[1], "name", calls[1]))  # where the killed save wrote: never among the checkpoints,
+    assert written.parent != folder  # whose every file nerfstudio's ns-eval/ns-viewer take for one
     assert torch.load(folder / "step-000000002.ckpt", weights_only=True)["step"] == 2
 
 
