@@ -23,11 +23,17 @@ from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
 from gridinr_nerfstudio.stages.edit.pipeline import EditPipelineConfig
 from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
 from gridinr_nerfstudio.stages.fit.pipeline import FitPipelineConfig
+from gridinr_nerfstudio.trainer import GridINRTrainer
 
 
 @dataclass
 class GridINRTrainerConfig(TrainerConfig):
-    """Records the run folder in the pipeline config, so evaluations (also ns-eval) write the CSV next to the run."""
+    """Records the run folder in the pipeline config, so evaluations (also ns-eval) write the CSV next to the run.
+
+    Trains with `GridINRTrainer`: atomic checkpoints, and `--load-dir` resumes the same run to the same end.
+    """
+
+    _target: Type = field(default_factory=lambda: GridINRTrainer)
 
     def set_experiment_name(self) -> None:
         if self.experiment_name is None and self.pipeline.datamanager.data is None:
@@ -37,6 +43,9 @@ class GridINRTrainerConfig(TrainerConfig):
 
     def save_config(self) -> None:
         """Called by ns-train just before training: fill in what follows from the final CLI values."""
+        prepare_run = getattr(self.pipeline, "prepare_run", None)
+        if callable(prepare_run):
+            prepare_run(self)  # e.g. the edit stage adopts its stage-1 run (and its experiment name) here
         if hasattr(self.pipeline, "run_dir"):
             self.pipeline.run_dir = self.get_base_dir()
         if hasattr(self.pipeline.datamanager, "max_iterations"):

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import os
 import pathlib
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
@@ -129,7 +130,8 @@ def load_run_pipeline(
 ) -> Tuple[Any, Any, Path, int]:
     """Like nerfstudio's `eval_setup`, with the config read by `load_run_config`: (config, pipeline, ckpt, step).
 
-    Checkpoints come from the run folder that holds `config_path` (a copied or moved run uses its own files).
+    Checkpoints come from the run folder that holds `config_path`, and evaluations append to its metrics.csv
+    (a copied or moved run uses its own files; nerfstudio's ns-eval follows the paths written in the config).
     """
     import torch
     from nerfstudio.configs.method_configs import all_methods
@@ -137,6 +139,8 @@ def load_run_pipeline(
     config = load_run_config(config_path)
     if config.method_name in all_methods:
         config.pipeline.datamanager._target = all_methods[config.method_name].pipeline.datamanager._target
+    if hasattr(config.pipeline, "run_dir"):
+        config.pipeline.run_dir = Path(config_path).parent
     if update_config is not None:
         config = update_config(config)
     config.load_dir = Path(config_path).parent / "nerfstudio_models"
@@ -148,7 +152,7 @@ def load_run_pipeline(
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
-    """The step of a `step-NNNNNNNNN.ckpt` file name, or None for any other file."""
+    """The step of a `step-NNNNNNNNN.ckpt` file name, or None for any other file (.DS_Store, partial saves)."""
     name = path.name
     if not (name.startswith("step-") and name.endswith(".ckpt")):
         return None
@@ -156,14 +160,67 @@ def checkpoint_step(path: Path) -> Optional[int]:
     return int(digits) if digits.isdigit() else None
 
 
-def load_newest_checkpoint(folder: Path, pipeline) -> Tuple[Path, int]:
-    """Load the newest checkpoint of `folder` into `pipeline` (weights_only); returns its path and step."""
+def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
+    """(step, path) of the `step-*.ckpt` files of `folder`, newest first; other files are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(step, path) for path in folder.iterdir() if path.is_file() and (step := checkpoint_step(path)) is not None]
+    return sorted(found, reverse=True)
+
+
+def read_newest_checkpoint(folder: Path) -> Tuple[Path, int, Dict[str, Any]]:
+    """(path, step, state) of the newest checkpoint of `folder` that loads (weights_only).
+
+    A checkpoint that does not load (truncated by a kill during the save, an older trainer's partial file) is
+    skipped with one line, and the next older one is tried.
+    """
     import torch
 
-    checkpoints = sorted((step, path) for path in Path(folder).glob("step-*.ckpt") if (step := checkpoint_step(path)) is not None)
+    checkpoints = list_checkpoints(folder)
     if not checkpoints:
         raise FileNotFoundError(f"{folder}: no step-*.ckpt checkpoint")
-    step, path = checkpoints[-1]
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    for step, path in checkpoints:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated zip, bad pickle, foreign data: try the next older one
+            reason = " ".join(str(error).split())[:200]
+            print(f"{path}: skipping a checkpoint that does not load ({type(error).__name__}: {reason})")
+            continue
+        if not isinstance(state, dict) or "pipeline" not in state:
+            print(f"{path}: skipping a file that is not a nerfstudio checkpoint")
+            continue
+        return path, int(state.get("step", step)), state
+    raise FileNotFoundError(f"{folder}: none of the {len(checkpoints)} step-*.ckpt checkpoints loads")
+
+
+def load_newest_checkpoint(folder: Path, pipeline) -> Tuple[Path, int]:
+    """Load the newest checkpoint of `folder` that loads into `pipeline`; returns its path and step."""
+    path, step, state = read_newest_checkpoint(folder)
     pipeline.load_pipeline(state["pipeline"], state["step"])
     return path, step
+
+
+def save_checkpoint_atomically(state: Dict[str, Any], path: Path, scratch_dir: Path) -> None:
+    """torch.save `state` to `path` so that `path` is either absent or complete, never partial.
+
+    The bytes go to a temporary file in `scratch_dir` (same file system; not the checkpoint folder, whose every
+    file nerfstudio's ns-eval and ns-viewer take for a checkpoint), are flushed to disk, then renamed into place.
+    """
+    import tempfile
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=scratch_dir)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -115,8 +115,9 @@ def test_ns_eval_reports_metrics_and_csv(tiny_fit_run, tmp_path):
     metrics = json.loads(output.read_text())["results"]
     for key in ("volume_psnr", "psnr", "ssim", "ms_per_frame", "rays_per_s", "fps", "compression_ratio", "params"):
         assert isinstance(metrics[key], float | int) and math.isfinite(metrics[key]), key
-    assert metrics["lpips"] is None or isinstance(metrics["lpips"], float)
-    if metrics["lpips"] is None:
-        assert "weights" in metrics["lpips_unavailable"]
+    if "lpips" in metrics:
+        assert isinstance(metrics["lpips"], float)
+    else:  # left out (nerfstudio's writers need numbers), said why once
+        assert "lpips is not reported" in result.stdout and "weights" in result.stdout
     csv_text = (tiny_fit_run.parent / "metrics.csv").read_text()
     assert "volume_psnr" in csv_text.splitlines()[0] and ",fit," in csv_text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from nerfstudio.scripts.train import main as ns_train_main
 
@@ -32,9 +32,12 @@ def short_run(config, output_dir: Path, timestamp: str, iterations: int):
 
 
 def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: int = 60, image_size: int = 32,
-                   full_field: bool = False, preset: Optional[str] = None, **dataparser_overrides) -> Path:
-    """Train a small gridinr-fit run (tiny field unless `full_field`); returns its config.yml."""
-    config = short_run(fit_trainer_config(), output_dir, "tiny", iterations)
+                   full_field: bool = False, preset: Optional[str] = None, configure: Optional[Callable] = None,
+                   timestamp: str = "tiny", **dataparser_overrides) -> Path:
+    """Train a small gridinr-fit run (tiny field unless `full_field`); returns its config.yml.
+
+    `configure(config)` may change the trainer config last, just before ns-train runs it."""
+    config = short_run(fit_trainer_config(), output_dir, timestamp, iterations)
     config.pipeline.datamanager.dataparser.data = data
     shrink_dataparser(config.pipeline.datamanager.dataparser, output_dir / "references", image_size)
     config.pipeline.datamanager.dataparser.render.preset = preset
@@ -44,12 +47,15 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
     if not full_field:
         field = config.pipeline.model.field
         field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
+    if configure is not None:
+        configure(config)
     ns_train_main(config)
     return config.get_base_dir() / "config.yml"
 
 
 def train_tiny_edit(output_dir: Path, stage1_config: Path, iterations: int = 10, target_image: Optional[Path] = None,
-                    clip_weights: Optional[Path] = None, clip_model: Optional[str] = None, lam_clip: float = 0.0) -> Path:
+                    clip_weights: Optional[Path] = None, clip_model: Optional[str] = None, lam_clip: float = 0.0,
+                    configure: Optional[Callable] = None) -> Path:
     """Train a small gridinr-edit run on a tiny stage-1 run; returns its config.yml."""
     config = short_run(edit_trainer_config(), output_dir, "tiny-edit", iterations)
     pipeline = config.pipeline
@@ -63,5 +69,7 @@ def train_tiny_edit(output_dir: Path, stage1_config: Path, iterations: int = 10,
         model.clip_weights = clip_weights
     if clip_model is not None:
         model.clip_model = clip_model
+    if configure is not None:
+        configure(config)
     ns_train_main(config)
     return config.get_base_dir() / "config.yml"

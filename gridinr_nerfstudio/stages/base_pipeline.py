@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Type
+from typing import Optional, Set, Type
 
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
 
 from gridinr_nerfstudio.eval.eval_log import append_metrics_row
 
@@ -29,6 +30,20 @@ class StagePipeline(VanillaPipeline):
 
     config: StagePipelineConfig
     loaded_step: Optional[int] = None
+    announced_unavailable: Optional[Set[str]] = None
+
+    def metric_unavailable(self, name: str, reason: str) -> None:
+        """Say once per pipeline why metric `name` is left out of evaluations.
+
+        Evaluations leave an unavailable metric out instead of reporting None: nerfstudio's writers (tensorboard,
+        wandb, comet) call float() on every value, so a None or a reason string stops training at its first
+        evaluation. metrics.csv shows the metric as an empty cell.
+        """
+        if self.announced_unavailable is None:
+            self.announced_unavailable = set()
+        if name not in self.announced_unavailable:
+            self.announced_unavailable.add(name)
+            CONSOLE.print(f"[yellow]{name} is not reported: {reason}[/yellow]")
 
     def load_pipeline(self, loaded_state, step: int) -> None:
         """Remember the checkpoint's step so ns-eval's CSV row says which step it measured."""
@@ -48,10 +63,10 @@ class StagePipeline(VanillaPipeline):
         model = self.model
         metrics["ms_per_frame"] = 1000.0 / metrics["fps"]
         metrics["rays_per_s"] = metrics["num_rays_per_sec"]
-        if not model.image_metrics.lpips_available:
-            metrics["lpips"] = None
-            metrics["lpips_unavailable"] = model.image_metrics.lpips_unavailable_reason
+        if not model.image_metrics.lpips_available:  # per-view metrics leave it out; say why
+            self.metric_unavailable("lpips", model.image_metrics.lpips_unavailable_reason or "LPIPS weights not available")
         metrics.update(self.extra_eval_metrics())
+        metrics = {key: value for key, value in metrics.items() if value is not None and not isinstance(value, str)}
         metrics["eval_seconds"] = time.perf_counter() - started
         if self.config.run_dir is not None:
             append_metrics_row(
@@ -59,6 +74,6 @@ class StagePipeline(VanillaPipeline):
                 run=Path(self.config.run_dir).name,
                 stage=self.config.stage,
                 step=step if step is not None else (self.loaded_step if self.loaded_step is not None else -1),
-                metrics={key: value for key, value in metrics.items() if not isinstance(value, str)},  # reasons stay in JSON
+                metrics=metrics,
             )
         return metrics

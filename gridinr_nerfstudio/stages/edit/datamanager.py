@@ -58,6 +58,13 @@ class EditDataManager(VanillaDataManager[InputDataset]):
         cameras = self.train_dataset.cameras[indices].to(self.device)
         return cameras, {"image": self.train_images[indices].to(self.device), "indices": indices}
 
+    def get_sampler_state(self) -> Dict[str, torch.Tensor]:
+        """Saved with checkpoints by GridINRTrainer, so a resumed run picks the views it would have picked."""
+        return {"generator": self.generator.get_state()}
+
+    def set_sampler_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
     def get_train_rays_per_batch(self) -> int:
         camera = self.train_dataset.cameras[0]
         return int(camera.width) * int(camera.height) * self.config.views_per_step

@@ -15,7 +15,7 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from gridinr_nerfstudio.eval.eval_log import save_render_grid
-from gridinr_nerfstudio.runs import load_run_config
+from gridinr_nerfstudio.runs import load_run_config, read_newest_checkpoint, save_checkpoint_atomically
 from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
 from gridinr_nerfstudio.stages.edit.clip_loss import (
     ClipLoss,
@@ -41,17 +41,46 @@ class EditPipelineConfig(StagePipelineConfig):
     """Save a grid of intermediate renderings (eval views) every this many steps."""
     stage: str = "edit"
 
+    def prepare_run(self, trainer_config) -> None:
+        """ns-train, before config.yml is written: adopt the stage-1 run and keep its field inside the edit run.
+
+        The edit run is filed under the stage-1 run's experiment name, and the newest stage-1 field is copied to
+        RUN/stage1_field.ckpt, which the saved config names (relative to the run): later loads of the edit run
+        (ns-eval, ns-viewer, gridinr-render) read that copy, so moving or training the stage-1 run further
+        changes nothing, and a copied edit run is complete.
+        """
+        if self.stage1_config is None or self.model.stage1_checkpoint is not None:
+            return
+        stage1 = adopt_stage1_run(self)
+        if trainer_config.experiment_name is None:
+            stage1_dir = Path(self.stage1_config).resolve().parent  # OUTPUT/EXPERIMENT/gridinr-fit/TIMESTAMP
+            trainer_config.experiment_name = stage1.experiment_name or stage1_dir.parent.parent.name
+        run_dir = trainer_config.get_base_dir()
+        source, step, state = read_newest_checkpoint(Path(self.stage1_config).parent / "nerfstudio_models")
+        field_state = {key: value for key, value in state["pipeline"].items() if key.startswith("_model.field.")}
+        if not field_state:
+            raise ValueError(f"{source}: no '_model.field.*' weights: not a gridinr-fit checkpoint")
+        save_checkpoint_atomically({"step": step, "pipeline": field_state, "source": str(source)},
+                                   run_dir / STAGE1_FIELD_FILE, scratch_dir=run_dir)
+        self.model.stage1_checkpoint = Path(STAGE1_FIELD_FILE)
+
+
+STAGE1_FIELD_FILE = "stage1_field.ckpt"
+"""The frozen stage-1 field, copied into the edit run folder when training starts (see `prepare_run`)."""
+
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    """Newest step-*.ckpt of a nerfstudio run folder."""
-    checkpoints = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir / 'nerfstudio_models'}: no step-*.ckpt checkpoint in the stage-1 run")
-    return checkpoints[-1]
+    """Newest step-*.ckpt of a nerfstudio run folder that loads (stray and truncated files are skipped)."""
+    folder = Path(run_dir) / "nerfstudio_models"
+    try:
+        return read_newest_checkpoint(folder)[0]
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error} in the stage-1 run") from None
 
 
-def adopt_stage1_run(config: EditPipelineConfig) -> None:
-    """Copy the volume, cameras, render settings, field sizes and checkpoint of the stage-1 run into `config`."""
+def adopt_stage1_run(config: EditPipelineConfig):
+    """Copy the volume, cameras, render settings and field sizes of the stage-1 run into `config`; returns
+    the stage-1 TrainerConfig."""
     path = Path(config.stage1_config)
     if not path.exists():
         raise FileNotFoundError(f"{path}: stage-1 config not found (pass the config.yml of a gridinr-fit run)")
@@ -61,7 +90,7 @@ def adopt_stage1_run(config: EditPipelineConfig) -> None:
     config.datamanager.dataparser = stage1.pipeline.datamanager.dataparser
     config.datamanager.data = stage1.pipeline.datamanager.data
     config.model.field = stage1.pipeline.model.field
-    config.model.stage1_checkpoint = latest_checkpoint(path.parent)
+    return stage1
 
 
 class EditPipeline(StagePipeline):
@@ -70,9 +99,13 @@ class EditPipeline(StagePipeline):
     config: EditPipelineConfig
 
     def __init__(self, config: EditPipelineConfig, device: str, test_mode: Literal["test", "val", "inference"] = "val", **kwargs):
-        if config.stage1_config is not None:
+        checkpoint = config.model.stage1_checkpoint
+        if config.stage1_config is not None and checkpoint is None:  # not prepared by ns-train (or an older run)
             adopt_stage1_run(config)
-        elif config.model.stage1_checkpoint is None and test_mode == "val":
+            config.model.stage1_checkpoint = latest_checkpoint(Path(config.stage1_config).parent)
+        elif checkpoint is not None and not Path(checkpoint).is_absolute() and config.run_dir is not None:
+            config.model.stage1_checkpoint = Path(config.run_dir) / checkpoint  # the copy inside the edit run
+        if config.model.stage1_checkpoint is None and test_mode == "val":
             raise ValueError("gridinr-edit needs --pipeline.stage1-config PATH/config.yml of a gridinr-fit run")
         super().__init__(config, device=device, test_mode=test_mode, **kwargs)
         model = self.model
@@ -142,9 +175,8 @@ class EditPipeline(StagePipeline):
         images = self.render_eval_views(None if need_all else 4)
         self.save_before_after(images[:4])
         for name, clip in scorers:
-            if clip is None:
-                metrics[name] = None
-                metrics[f"{name}_unavailable"] = self.clip_unavailable_reason or "CLIP weights not available"
+            if clip is None:  # left out (writers need numbers); said once
+                self.metric_unavailable(name, self.clip_unavailable_reason or "CLIP weights not available")
             else:
                 metrics[name] = float(clip_cosine(clip, images, self.clip_target(clip)).mean())
         return metrics

@@ -58,6 +58,7 @@ class VolumePointSampler:
         self.num_voxels = int(self.dims.prod())
         self.epoch_order: torch.Tensor | None = None  # shuffled voxel indices of the current epoch
         self.epoch_position = 0
+        self.epoch_seed_state: torch.Tensor | None = None  # generator state the epoch's shuffle was drawn from
         self.dense: DenseGridField | None = None
         if self.num_voxels * 4 <= preload_max_bytes:
             self.dense = DenseGridField.from_volume(volume).to(device)
@@ -78,14 +79,32 @@ class VolumePointSampler:
         chunks = []
         while count > 0:
             if self.epoch_order is None or self.epoch_position >= self.num_voxels:
-                index_dtype = torch.int32 if self.num_voxels < 2**31 else torch.int64  # int32 sorts ~2x faster
-                self.epoch_order = torch.randperm(self.num_voxels, generator=self.generator, dtype=index_dtype)
+                self.epoch_seed_state = self.generator.get_state()
+                self.epoch_order = self._shuffle()
                 self.epoch_position = 0
             chunk = self.epoch_order[self.epoch_position : self.epoch_position + count]
             self.epoch_position += chunk.numel()
             count -= chunk.numel()
             chunks.append(chunk)
         return torch.cat(chunks).sort().values
+
+    def _shuffle(self) -> torch.Tensor:
+        index_dtype = torch.int32 if self.num_voxels < 2**31 else torch.int64  # int32 sorts ~2x faster
+        return torch.randperm(self.num_voxels, generator=self.generator, dtype=index_dtype)
+
+    def get_state(self) -> Dict[str, object]:
+        """Where the sampler stands (a few kB: the epoch's shuffle is kept as the state it was drawn from)."""
+        return {"generator": self.generator.get_state(), "epoch_seed_state": self.epoch_seed_state,
+                "epoch_position": self.epoch_position}
+
+    def set_state(self, state: Dict[str, object]) -> None:
+        """Continue from `get_state()`: the next batches are those the saved sampler would have drawn."""
+        self.epoch_seed_state, self.epoch_order = state["epoch_seed_state"], None
+        if self.epoch_seed_state is not None:
+            self.generator.set_state(self.epoch_seed_state)
+            self.epoch_order = self._shuffle()
+        self.epoch_position = int(state["epoch_position"])
+        self.generator.set_state(state["generator"])
 
     def voxel_batch(self, flat_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(world positions (N, 3), exact normalised values (N,)) of voxel centres given by flat index (x fastest)."""
@@ -205,3 +224,10 @@ class FitDataManager(VanillaDataManager[InputDataset]):
 
     def get_train_rays_per_batch(self) -> int:
         return self.config.batch_size
+
+    def get_sampler_state(self) -> Dict[str, object]:
+        """Saved with checkpoints by GridINRTrainer, so a resumed run draws the batches it would have drawn."""
+        return self.sampler.get_state()
+
+    def set_sampler_state(self, state: Dict[str, object]) -> None:
+        self.sampler.set_state(state)
