@@ -1,0 +1,114 @@
+"""Triton hash-grid kernels against the torch backend, on CPU tensors under the Triton interpreter.
+
+TRITON_INTERPRET=1 is set before our kernels module (and triton) is imported, so this runs without a GPU (in CI).
+Sizes are tiny: the interpreter runs every program instance in numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gridinr_nerfstudio.fields.hash_grid import _backend  # noqa: E402
+from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding  # noqa: E402
+from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" or not _backend.triton_available():
+    pytest.skip("Triton interpreter unavailable (TRITON_INTERPRET must be 1 before triton loads)", allow_module_level=True)
+if not _backend.triton_module().interpreter_enabled():
+    pytest.skip("triton kernels were compiled for a GPU, not the interpreter", allow_module_level=True)
+
+
+def _pair(features: int, convention: str = "tcnn", dtype=torch.float32, **geometry) -> tuple[HashGridEncoding, ...]:
+    """A torch-backend encoding with O(1) random params and a triton-backend copy of it (same state dict)."""
+    kwargs = dict(num_levels=4, features_per_level=features, log2_hashmap_size=9, base_resolution=3,
+                  max_resolution=40, convention=convention) | geometry
+    reference = HashGridEncoding(backend="torch", **kwargs).to(dtype)
+    with torch.no_grad():
+        reference.params.normal_(generator=torch.Generator().manual_seed(features))
+    triton_encoding = HashGridEncoding(backend="triton", **kwargs).to(dtype)
+    triton_encoding.load_state_dict(reference.state_dict())
+    return reference, triton_encoding
+
+
+def _points(encoding: HashGridEncoding, outside: bool = False) -> torch.Tensor:
+    """Random points, box faces and corners, and points exactly on the cell boundaries of every level."""
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.rand(60, 3, generator=generator)]
+    parts.append(torch.tensor(list(itertools.product([0.0, 0.5, 1.0], repeat=3))))
+    for scale in encoding.geometry.scales:
+        # p = x * s + shift is an integer: x = (k - shift) / s, for some k along each axis
+        k = torch.arange(0, int(scale) + 1, max(1, int(scale) // 4), dtype=torch.float32)
+        x = ((k - encoding.geometry.shift) / scale).clamp(0, 1)
+        parts.append(torch.stack([x, x.flip(0), torch.full_like(x, 0.25)], dim=1))
+    if outside:  # negative cells and beyond the upper face: the uint32 wrap of both index kinds
+        parts.append(torch.rand(20, 3, generator=generator) * 1.4 - 0.2)
+    return torch.cat(parts).to(encoding.params.dtype)
+
+
+def _compare(reference, triton_encoding, points, rtol=1e-5, atol=1e-5) -> None:
+    upstream = torch.randn(points.shape[0], reference.get_out_dim(), generator=torch.Generator().manual_seed(1),
+                           dtype=points.dtype)
+    results = []
+    for encoding in (reference, triton_encoding):
+        positions = points.clone().requires_grad_(True)
+        encoded = encoding(positions)
+        (encoded * upstream).sum().backward()
+        results.append((encoded.detach(), encoding.params.grad, positions.grad))
+    (expected, expected_table, expected_positions), (encoded, table, positions_grad) = results
+    torch.testing.assert_close(encoded, expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(table, expected_table, rtol=rtol, atol=atol)
+    scale = expected_positions.abs().max()  # sums of O(scale) terms over levels: compare relative to the largest
+    torch.testing.assert_close(positions_grad / scale, expected_positions / scale, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("features", [1, 2, 4, 8])
+def test_tcnn_convention_dense_and_hashed_levels(features: int) -> None:
+    reference, triton_encoding = _pair(features)
+    assert True in reference.geometry.dense and False in reference.geometry.dense  # both index kinds are exercised
+    _compare(reference, triton_encoding, _points(reference, outside=True))
+
+
+def test_nerfstudio_convention_and_float64() -> None:
+    reference, triton_encoding = _pair(2, convention="nerfstudio", dtype=torch.float64)
+    assert reference.geometry.shift == 0.0 and not any(reference.geometry.dense)
+    _compare(reference, triton_encoding, _points(reference), rtol=1e-10, atol=1e-10)
+
+
+def test_level_wider_than_table_wraps_like_torch() -> None:
+    """A single-level grid of resolution 5 with a 2^4-entry table: hashed, every cell collides."""
+    reference, triton_encoding = _pair(4, num_levels=1, log2_hashmap_size=4, base_resolution=5)
+    assert reference.geometry.dense == (False,)
+    _compare(reference, triton_encoding, _points(reference, outside=True))
+
+
+def test_empty_batch_and_batch_shape() -> None:
+    reference, triton_encoding = _pair(2)
+    assert triton_encoding(torch.zeros(0, 3)).shape == (0, 8)
+    points = torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(triton_encoding(points), reference(points), rtol=1e-5, atol=1e-6)
+
+
+def test_training_steps_with_hash_grid_adam_match_torch() -> None:
+    """Two optimizer steps: the table gradient lands in HashGridAdam's recycled buffer like the other backends."""
+    reference, triton_encoding = _pair(2)
+    points = torch.rand(64, 3, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(64, reference.get_out_dim(), generator=torch.Generator().manual_seed(4))
+    for encoding in (reference, triton_encoding):
+        optimizer = HashGridAdam([encoding.params], lr=1e-2)
+        for _ in range(2):
+            ((encoding(points) - target) ** 2).mean().backward()
+            optimizer.step()
+    torch.testing.assert_close(triton_encoding.params, reference.params, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_never_picks_triton_on_cpu() -> None:
+    encoding = HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="auto")
+    assert encoding.backend_for(torch.device("cpu")) in ("cpp", "torch")
+    assert HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="triton").backend_for(torch.device("cpu")) == "triton"
