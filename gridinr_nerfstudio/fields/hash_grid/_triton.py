@@ -25,9 +25,8 @@ from gridinr_nerfstudio.fields.hash_grid.geometry import GridGeometry
 BLOCK = 128  # points per program; (BLOCK, F) tiles of table rows per corner
 
 
-def interpreter_enabled() -> bool:
-    """True when triton runs kernels in its CPU interpreter (CPU tensors allowed; tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether these kernels were decorated under TRITON_INTERPRET=1 (then they run on CPU tensors, in numpy).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def level_table(geometry: GridGeometry, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@ backends behind the same interface:
 
 - ``"tcnn"``: tiny-cuda-nn (``tinycudann.Encoding``) for CUDA tensors, when it imports;
 - ``"cpp"``: our C++/OpenMP kernels (``csrc/hash_grid.cpp``) for CPU tensors, when the extension is built;
-- ``"triton"``: our Triton kernels (``_triton.py``) for CUDA tensors (CPU tensors too under ``TRITON_INTERPRET=1``,
-  which is how the tests check them);
+- ``"triton"``: our Triton kernels (``_triton.py``) for CUDA tensors (CPU tensors too when the kernels were
+  loaded under ``TRITON_INTERPRET=1``, which is how the tests check them);
 - ``"torch"``: pure PyTorch, any device (the fallback, and the readable statement of the math).
 
 ``backend="auto"`` picks, per call: on CUDA tcnn if it imports, else triton, else torch; on CPU cpp if built, else
@@ -41,7 +41,6 @@ table-sized gradient is allocated and zeroed per step.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import numpy as np
@@ -60,10 +59,6 @@ from gridinr_nerfstudio.fields.hash_grid.geometry import (
 Backend = Literal["auto", "tcnn", "triton", "cpp", "torch"]
 BACKENDS = ("auto", "tcnn", "triton", "cpp", "torch")
 Convention = Literal["tcnn", "nerfstudio"]
-
-
-def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class _HashGridCppFunction(torch.autograd.Function):
@@ -171,17 +166,19 @@ class HashGridEncoding(nn.Module):
         cpp_ok = (
             device.type == "cpu" and self.params.dtype in (torch.float32, torch.float64) and cpp_extension_available()
         )
-        triton_device = device.type == "cuda" or (device.type == "cpu" and _triton_interpreter())
-        triton_ok = triton_device and self.params.dtype in (torch.float32, torch.float64)
+        triton_dtype = self.params.dtype in (torch.float32, torch.float64)
         if self.backend == "auto":
             if tcnn_ok and tcnn_available():
                 return "tcnn"
-            if device.type == "cuda" and triton_ok and triton_available():
+            if device.type == "cuda" and triton_dtype and triton_available():
                 return "triton"
             return "cpp" if cpp_ok else "torch"
         if self.backend == "tcnn" and not (tcnn_ok and tcnn_available()):
             raise RuntimeError("backend='tcnn' needs tinycudann, CUDA tensors, float32 params and convention='tcnn'")
-        if self.backend == "triton" and not (triton_ok and triton_available()):
+        triton_ok = triton_dtype and triton_available() and (
+            device.type == "cuda" or (device.type == "cpu" and _backend.triton_module().INTERPRETED)
+        )
+        if self.backend == "triton" and not triton_ok:
             raise RuntimeError(
                 "backend='triton' needs triton (shipped with CUDA builds of torch), float32/float64 params and CUDA "
                 "tensors (CPU tensors only under TRITON_INTERPRET=1)"
@@ -242,17 +239,41 @@ class HashGridEncoding(nn.Module):
             )
 
     def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """tiny-cuda-nn's kernels on our ``params`` (one state, one layout, portable checkpoints).
+
+        The native module is created on the positions' device and recreated when the module moves; it never
+        sees an empty batch (tcnn pads batches to its granularity; 0 rows is not a case its kernels handle), and
+        it is handed our ``params`` exactly as its own ``Module.forward`` expects them: a CUDA float32 contiguous
+        ``nn.Parameter`` of ``n_params`` values on the input's device (checked here, since the native side
+        reads raw pointers). tcnn's own initial params are dropped; a fp32 encoding's loss scale is 1.
+        """
+        if positions.shape[0] == 0:
+            return positions.new_zeros((0, self.get_out_dim()))
+        params = self.params
+        if params.device != positions.device or params.dtype != torch.float32 or not params.is_contiguous():
+            raise RuntimeError(
+                f"backend='tcnn' needs contiguous float32 params on the positions' device {positions.device}, "
+                f"got {params.dtype} on {params.device}"
+            )
         encoding = self._tcnn_encoding
-        if encoding is None:
+        if encoding is None or encoding.params.device != positions.device:
             with torch.cuda.device(positions.device):
                 encoding = _backend.tcnn_module().Encoding(3, self.tcnn_config(), dtype=torch.float32)
-            if encoding.params.numel() != self.params.numel():
+            if encoding.params.numel() != params.numel() or encoding.params.device != positions.device:
                 raise RuntimeError(
-                    f"tiny-cuda-nn holds {encoding.params.numel()} grid parameters, our layout {self.params.numel()}"
+                    f"tiny-cuda-nn holds {encoding.params.numel()} grid parameters on {encoding.params.device}, "
+                    f"our layout {params.numel()} on {positions.device}"
                 )
             self.__dict__["_tcnn_encoding"] = encoding  # not a submodule: ``params`` stays our only state
-        encoding.params = self.params  # tcnn reads its ``params`` attribute: share ours, one state, one layout
-        return encoding(positions)
+        encoding.params = params  # tcnn's forward reads its ``params`` attribute: share ours
+        return encoding(positions.to(torch.float32).contiguous())
+
+    def __getstate__(self) -> dict:
+        """Pickle (torch.save of the module, deepcopy) without the native tcnn module or device-side tables."""
+        state = self.__dict__.copy()
+        state["_tcnn_encoding"] = None
+        state["_triton_tables"] = {}
+        return state
 
     @classmethod
     def from_nerfstudio(cls, encoding: nn.Module, backend: Backend = "auto") -> HashGridEncoding:
