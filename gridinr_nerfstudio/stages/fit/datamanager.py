@@ -160,6 +160,10 @@ class FitDataManagerConfig(VanillaDataManagerConfig):
     """Volumes whose float32 copy is at most this size are held in memory; larger ones stay memory-mapped."""
     seed: int = 0
     """Seed of the point sampler."""
+    device_resident: Literal["auto", "on", "off"] = "auto"
+    """Hold the volume on the training device and make every batch there (stages/fit/device_sampler.py): "auto"
+    does so on CUDA when the float32 volume takes at most a quarter of the GPU's memory; "on" forces it (any
+    device), "off" keeps the CPU sampler (memmap or in-memory volume, `preload_max_bytes`)."""
 
 
 class FitDataManager(VanillaDataManager[InputDataset]):
@@ -179,11 +183,15 @@ class FitDataManager(VanillaDataManager[InputDataset]):
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank)
         self.volume: Volume = self.train_dataparser_outputs.metadata["volume"].volume
         self.aabb = self.train_dataparser_outputs.scene_box.aabb.float()
+        # device_sampler subclasses VolumePointSampler (defined here), hence the import at the point of use.
+        from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler
+
         # Not a registered submodule: the voxels it may hold must not end up in checkpoints.
-        self.__dict__["sampler"] = VolumePointSampler(
+        self.__dict__["sampler"] = make_point_sampler(
             self.volume,
             self.aabb,
             device=device,
+            resident=config.device_resident,
             sampling=config.sampling,
             continuous_fraction=config.continuous_fraction,
             subsample_factor=config.subsample_factor,
