@@ -109,3 +109,21 @@ def test_tcnn_trains_our_params_and_checkpoints_stay_portable() -> None:
     cpu = HashGridEncoding(backend="torch", **GEOMETRY)
     cpu.load_state_dict(torch.load(buffer))
     torch.testing.assert_close(cpu(points.cpu()), tcnn_encoding(points).cpu(), rtol=1e-4, atol=1e-4)
+
+
+@requires_triton
+def test_hash_grid_adam_on_cuda_matches_the_cpu_step() -> None:
+    """On CUDA HashGridAdam runs the Triton lazy-Adam pass; it must move params exactly like the CPU pass."""
+    generator = torch.Generator().manual_seed(0)
+    initial = torch.randn(100_000, generator=generator)
+    grads = [torch.randn(100_000, generator=generator) * (torch.rand(100_000, generator=generator) < 0.2)
+             for _ in range(3)]
+    results = []
+    for device in ("cpu", "cuda"):
+        param = torch.nn.Parameter(initial.clone().to(device))
+        optimizer = HashGridAdam([param], lr=1e-2)
+        for grad in grads:
+            param.grad = grad.clone().to(device)
+            optimizer.step()
+        results.append(param.detach().cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)

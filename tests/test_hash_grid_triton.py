@@ -114,3 +114,20 @@ def test_auto_never_picks_triton_on_cpu() -> None:
     encoding = HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="auto")
     assert encoding.backend_for(torch.device("cpu")) in ("cpp", "torch")
     assert HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="triton").backend_for(torch.device("cpu")) == "triton"
+
+
+def test_sparse_adam_kernel_matches_the_torch_step() -> None:
+    """HashGridAdam's CUDA pass: touched entries follow Adam, untouched ones keep value and moments, grad zeroed."""
+    from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_sparse_adam_step
+
+    generator = torch.Generator().manual_seed(0)
+    state = [torch.randn(3000, generator=generator) for _ in range(2)] + [torch.rand(3000, generator=generator)]
+    grad = torch.randn(3000, generator=generator) * (torch.rand(3000, generator=generator) < 0.3)
+    expected, ours = [t.clone() for t in state], [t.clone() for t in state]
+    grads = [grad.clone(), grad.clone()]
+    torch_sparse_adam_step(expected[0], grads[0], expected[1], expected[2], 0.05, 0.9, 0.99, 1e-8)
+    _backend.triton_module().sparse_adam_step(ours[0], grads[1], ours[1], ours[2], 0.05, 0.9, 0.99, 1e-8)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not grads[1].any()
+    assert torch.equal(ours[0][grad == 0], state[0][grad == 0]) and not torch.equal(ours[0], state[0])

@@ -206,3 +206,29 @@ class HashGridTritonFunction(torch.autograd.Function):
                     F=features, BLOCK_N=BLOCK,
                 )
         return grad_positions, grad_params, None, None, None, None
+
+
+@triton.jit
+def _sparse_adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n, step_size, beta1, beta2, eps,
+                        BLOCK_N: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offsets < n
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+    touched = mask & (grad != 0)
+    m = tl.load(exp_avg_ptr + offsets, mask=touched, other=0.0) * beta1 + (1 - beta1) * grad
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=touched, other=0.0) * beta2 + (1 - beta2) * grad * grad
+    param = tl.load(param_ptr + offsets, mask=touched, other=0.0)
+    tl.store(exp_avg_ptr + offsets, m, mask=touched)
+    tl.store(exp_avg_sq_ptr + offsets, v, mask=touched)
+    tl.store(param_ptr + offsets, param - step_size * m / (tl.sqrt(v) + eps), mask=touched)
+    tl.store(grad_ptr + offsets, tl.zeros_like(grad), mask=touched)
+
+
+def sparse_adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     step_size: float, beta1: float, beta2: float, eps: float) -> None:
+    """``_torch_impl.torch_sparse_adam_step`` in one pass (read the gradient once, touch only nonzero entries)."""
+    n = param.numel()
+    if n:
+        block = 1024
+        _sparse_adam_kernel[(triton.cdiv(n, block),)](param, grad, exp_avg, exp_avg_sq, n, step_size, beta1, beta2,
+                                                      eps, BLOCK_N=block)
