@@ -361,3 +361,22 @@ def test_volume_field_takes_the_fused_path_only_without_gradients(monkeypatch: p
     assert calls and not inferred.requires_grad
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)
     assert bool((inferred[(points.abs() > 1).any(dim=-1)] == 0).all())  # outside the box: 0
+
+
+def test_pickling_drops_native_and_device_side_state() -> None:
+    """deepcopy / torch.save of the module keep params only: no tcnn native module, no cached device tables."""
+    import copy
+    import io
+
+    encoder = HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="torch")
+    encoder.__dict__["_tcnn_encoding"] = object()  # stands for a native tcnn module, which cannot be pickled
+    encoder._triton_tables["key"] = (torch.zeros(1), torch.zeros(1))
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(encoder), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded._tcnn_encoding is None and loaded._triton_tables == {}
+    points = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(points), encoder(points))
+    with pytest.raises(RuntimeError, match="params on"):
+        encoder(torch.rand(2, 3, device="meta"))
