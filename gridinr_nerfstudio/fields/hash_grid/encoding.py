@@ -241,11 +241,12 @@ class HashGridEncoding(nn.Module):
     def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
         """tiny-cuda-nn's kernels on our ``params`` (one state, one layout, portable checkpoints).
 
-        The native module is created on the positions' device and recreated when the module moves; it never
-        sees an empty batch (tcnn pads batches to its granularity; 0 rows is not a case its kernels handle), and
-        it is handed our ``params`` exactly as its own ``Module.forward`` expects them: a CUDA float32 contiguous
-        ``nn.Parameter`` of ``n_params`` values on the input's device (checked here, since the native side
-        reads raw pointers). tcnn's own initial params are dropped; a fp32 encoding's loss scale is 1.
+        The native module is created on the positions' device and recreated when the module moves; an empty
+        batch is answered here (tcnn would launch its kernels on 0 rows; its bindings do not guard that), and
+        tcnn is handed our ``params`` exactly as its own ``Module.forward`` expects them: a CUDA float32
+        contiguous ``nn.Parameter`` of ``n_params`` values on the input's device (its bindings check this too;
+        we check first for a clear message). tcnn's own initial params are dropped; a fp32 encoding's loss
+        scale is 1.
         """
         if positions.shape[0] == 0:
             return positions.new_zeros((0, self.get_out_dim()))
