@@ -62,16 +62,16 @@ def _level_setup(pos_ptr, rows, mask, scales_ptr, info_ptr, level, shift):
 
 
 @triton.jit
-def _corner_entry(ix, iy, iz, bx: tl.constexpr, by: tl.constexpr, bz: tl.constexpr, info_ptr, level):
-    """Row of the flat table (int64, entries) for one corner: dense or hashed index, mod the level size."""
+def _corner_entry(ix, iy, iz, corner: tl.constexpr, info_ptr, level):
+    """Row of the flat table (int64, entries) for corner (x fastest, like tcnn): dense or hashed index, mod size."""
     resolution = tl.load(info_ptr + level * 5 + 0).to(tl.uint32)
     stride_z = tl.load(info_ptr + level * 5 + 1).to(tl.uint32)
     dense = tl.load(info_ptr + level * 5 + 2) != 0
     offset = tl.load(info_ptr + level * 5 + 3)
     size = tl.load(info_ptr + level * 5 + 4).to(tl.uint32)
-    cx = ix + bx
-    cy = iy + by
-    cz = iz + bz
+    cx = ix + (corner & 1)
+    cy = iy + ((corner >> 1) & 1)
+    cz = iz + (corner >> 2)
     dense_index = cx + cy * resolution + cz * stride_z
     hashed_index = cx ^ (cy * 2654435761) ^ (cz * 805459861)
     index = tl.where(dense, dense_index, hashed_index) % size
@@ -79,10 +79,11 @@ def _corner_entry(ix, iy, iz, bx: tl.constexpr, by: tl.constexpr, bz: tl.constex
 
 
 @triton.jit
-def _corner_weight(fx, fy, fz, bx: tl.constexpr, by: tl.constexpr, bz: tl.constexpr):
-    wx = fx if bx else 1 - fx
-    wy = fy if by else 1 - fy
-    wz = fz if bz else 1 - fz
+def _corner_weight(fx, fy, fz, corner: tl.constexpr):
+    """Per-axis trilinear weights of the corner: f on its upper side, 1 - f on its lower side."""
+    wx = fx if (corner & 1) else 1 - fx
+    wy = fy if ((corner >> 1) & 1) else 1 - fy
+    wz = fz if (corner >> 2) else 1 - fz
     return wx, wy, wz
 
 
@@ -96,11 +97,8 @@ def _forward_kernel(pos_ptr, params_ptr, out_ptr, scales_ptr, info_ptr, n, out_s
     scale, ix, iy, iz, fx, fy, fz = _level_setup(pos_ptr, rows, mask, scales_ptr, info_ptr, level, shift)
     acc = tl.zeros((BLOCK_N, F), dtype=fx.dtype)
     for corner in tl.static_range(8):
-        bx: tl.constexpr = corner & 1
-        by: tl.constexpr = (corner >> 1) & 1
-        bz: tl.constexpr = corner >> 2
-        entry = _corner_entry(ix, iy, iz, bx, by, bz, info_ptr, level)
-        wx, wy, wz = _corner_weight(fx, fy, fz, bx, by, bz)
+        entry = _corner_entry(ix, iy, iz, corner, info_ptr, level)
+        wx, wy, wz = _corner_weight(fx, fy, fz, corner)
         values = tl.load(params_ptr + entry[:, None] * F + feats[None, :], mask=mask[:, None], other=0.0)
         acc += (wx * wy * wz)[:, None] * values
     tl.store(out_ptr + rows[:, None].to(tl.int64) * out_stride + level * F + feats[None, :], acc, mask=mask[:, None])
@@ -117,11 +115,8 @@ def _backward_params_kernel(pos_ptr, grad_out_ptr, grad_params_ptr, scales_ptr, 
     grad = tl.load(grad_out_ptr + rows[:, None].to(tl.int64) * out_stride + level * F + feats[None, :],
                    mask=mask[:, None], other=0.0)
     for corner in tl.static_range(8):
-        bx: tl.constexpr = corner & 1
-        by: tl.constexpr = (corner >> 1) & 1
-        bz: tl.constexpr = corner >> 2
-        entry = _corner_entry(ix, iy, iz, bx, by, bz, info_ptr, level)
-        wx, wy, wz = _corner_weight(fx, fy, fz, bx, by, bz)
+        entry = _corner_entry(ix, iy, iz, corner, info_ptr, level)
+        wx, wy, wz = _corner_weight(fx, fy, fz, corner)
         tl.atomic_add(grad_params_ptr + entry[:, None] * F + feats[None, :], (wx * wy * wz)[:, None] * grad,
                       mask=mask[:, None])
 
@@ -144,19 +139,14 @@ def _backward_positions_kernel(pos_ptr, params_ptr, grad_out_ptr, grad_pos_ptr, 
         ly = tl.zeros_like(gx)
         lz = tl.zeros_like(gx)
         for corner in tl.static_range(8):
-            bx: tl.constexpr = corner & 1
-            by: tl.constexpr = (corner >> 1) & 1
-            bz: tl.constexpr = corner >> 2
-            entry = _corner_entry(ix, iy, iz, bx, by, bz, info_ptr, level)
-            wx, wy, wz = _corner_weight(fx, fy, fz, bx, by, bz)
+            entry = _corner_entry(ix, iy, iz, corner, info_ptr, level)
+            wx, wy, wz = _corner_weight(fx, fy, fz, corner)
             values = tl.load(params_ptr + entry[:, None] * F + feats[None, :], mask=mask[:, None], other=0.0)
             dot = tl.sum(values * grad, axis=1)
-            sx = 1.0 if bx else -1.0
-            sy = 1.0 if by else -1.0
-            sz = 1.0 if bz else -1.0
-            lx += sx * wy * wz * dot
-            ly += sy * wx * wz * dot
-            lz += sz * wx * wy * dot
+            # d w / d f per axis: +1 on the corner's upper side, -1 on its lower side
+            lx += ((corner & 1) * 2 - 1) * wy * wz * dot
+            ly += (((corner >> 1) & 1) * 2 - 1) * wx * wz * dot
+            lz += ((corner >> 2) * 2 - 1) * wx * wy * dot
         gx += lx * scale
         gy += ly * scale
         gz += lz * scale
