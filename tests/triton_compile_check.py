@@ -42,7 +42,12 @@ def signatures(dtype: str) -> list[tuple]:
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
-    source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    try:
+        source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                           constexprs=constexprs)
+    except TypeError as error:  # another triton's ahead-of-time API: not our kernels
+        print(f"cannot compile here (triton {triton.__version__} ASTSource API): {error}")
+        sys.exit(3)
     try:
         compiled = triton.compile(source, target=TARGET)
     except (FileNotFoundError, PermissionError, OSError) as error:  # no ptxas, no cache dir: not our kernels

@@ -23,6 +23,8 @@ from gridinr_nerfstudio.fields.hash_grid import _backend
 from gridinr_nerfstudio.fields.hash_grid.geometry import GridGeometry
 
 BLOCK = 128  # points per program; (BLOCK, F) tiles of table rows per corner
+# The kernels are not specialised on the point count ``n`` (do_not_specialize): render chunks have any size, and
+# each specialisation would compile again (seconds) in the middle of a run.
 
 
 # Whether these kernels were decorated under TRITON_INTERPRET=1 (then they run on CPU tensors, in numpy).
@@ -87,7 +89,7 @@ def _corner_weight(fx, fy, fz, corner: tl.constexpr):
     return wx, wy, wz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _forward_kernel(pos_ptr, params_ptr, out_ptr, scales_ptr, info_ptr, n, out_stride, shift,
                     F: tl.constexpr, BLOCK_N: tl.constexpr):
     level = tl.program_id(1)
@@ -104,7 +106,7 @@ def _forward_kernel(pos_ptr, params_ptr, out_ptr, scales_ptr, info_ptr, n, out_s
     tl.store(out_ptr + rows[:, None].to(tl.int64) * out_stride + level * F + feats[None, :], acc, mask=mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _backward_params_kernel(pos_ptr, grad_out_ptr, grad_params_ptr, scales_ptr, info_ptr, n, out_stride, shift,
                             F: tl.constexpr, BLOCK_N: tl.constexpr):
     level = tl.program_id(1)
@@ -121,7 +123,7 @@ def _backward_params_kernel(pos_ptr, grad_out_ptr, grad_params_ptr, scales_ptr, 
                       mask=mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _backward_positions_kernel(pos_ptr, params_ptr, grad_out_ptr, grad_pos_ptr, scales_ptr, info_ptr, n, num_levels,
                                out_stride, shift, F: tl.constexpr, BLOCK_N: tl.constexpr):
     """d out / d x: per level and corner, the derivative of the trilinear weight times <grad, value>, times scale."""
@@ -198,7 +200,7 @@ class HashGridTritonFunction(torch.autograd.Function):
         return grad_positions, grad_params, None, None, None, None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _sparse_adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n, step_size, beta1, beta2, eps,
                         BLOCK_N: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
