@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Type
+from typing import Literal, Optional, Type
 
 import torch
 from nerfstudio.configs.base_config import MachineConfig
@@ -19,6 +19,7 @@ from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from gridinr_nerfstudio.device_defaults import device_defaults
 from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
 from gridinr_nerfstudio.stages.edit.pipeline import EditPipelineConfig
 from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
@@ -58,9 +59,26 @@ class GridINRTrainerConfig(TrainerConfig):
 
 @dataclass
 class HashGridAdamOptimizerConfig(OptimizerConfig):
-    """Lazy fused Adam for hash tables (only the entries a batch touched move; see hash_encoding.HashGridAdam)."""
+    """Adam for hash tables: lazy (HashGridAdam: only the entries a batch touched move) or dense fused torch Adam.
+
+    `mode` "auto" takes the default of the device the table lives on (device_defaults.py); both use betas
+    (0.9, 0.99) like instant-ngp.
+    """
 
     _target: Type = HashGridAdam
+    mode: Literal["auto", "lazy", "dense"] = "auto"
+    """"lazy" (HashGridAdam: fused C++ pass on a CPU, Triton pass on CUDA), "dense" (torch.optim.Adam, fused)."""
+
+    def setup(self, params) -> torch.optim.Optimizer:
+        params = list(params)
+        mode = self.mode
+        if mode == "auto":
+            mode = device_defaults(params[0].device if params else "cpu").hash_optimizer
+        if mode == "dense":
+            return torch.optim.Adam(params, lr=self.lr, eps=self.eps, betas=(0.9, 0.99), fused=True)
+        if mode != "lazy":
+            raise ValueError(f"HashGridAdamOptimizerConfig.mode must be 'auto', 'lazy' or 'dense', got {mode!r}")
+        return HashGridAdam(params, lr=self.lr, eps=self.eps, betas=(0.9, 0.99))
 
 
 def default_machine() -> MachineConfig:

@@ -127,11 +127,13 @@ def load_run_pipeline(
     config_path: Path,
     test_mode: Literal["test", "val", "inference"] = "inference",
     update_config: Optional[Callable[[Any], Any]] = None,
+    device: Optional[Any] = None,
 ) -> Tuple[Any, Any, Path, int]:
     """Like nerfstudio's `eval_setup`, with the config read by `load_run_config`: (config, pipeline, ckpt, step).
 
     Checkpoints come from the run folder that holds `config_path`, and evaluations append to its metrics.csv
     (a copied or moved run uses its own files; nerfstudio's ns-eval follows the paths written in the config).
+    `device` defaults to CUDA when available, else the CPU.
     """
     import torch
     from nerfstudio.configs.method_configs import all_methods
@@ -144,7 +146,7 @@ def load_run_pipeline(
     if update_config is not None:
         config = update_config(config)
     config.load_dir = Path(config_path).parent / "nerfstudio_models"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     pipeline = config.pipeline.setup(device=device, test_mode=test_mode)
     pipeline.eval()
     checkpoint, step = load_newest_checkpoint(Path(config.load_dir), pipeline)

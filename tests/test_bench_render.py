@@ -27,3 +27,13 @@ def test_render_benchmark_reports_every_contender(tiny_fit_run: Path, tmp_path: 
     assert results["config"]["occupancy_resolution"] == 16 and results["config"]["views"] == 1
     printed = capsys.readouterr().out
     assert all(name in printed for name in CONTENDERS) and "x raw time" in printed
+
+
+def test_render_benchmark_device_and_backend_rows(tiny_fit_run: Path, tmp_path: Path) -> None:
+    """--device cpu and --backends torch: an extra accelerated row on the torch backend showing the same image."""
+    output = tmp_path / "render.json"
+    bench_main(["render", "--load-config", str(tiny_fit_run), "--views", "1", "--occupancy-resolution", "16",
+                "--device", "cpu", "--backends", "torch", "--json", str(output)])
+    results = json.loads(output.read_text())
+    assert results["config"]["device"].startswith("cpu")
+    assert abs(results["field_accelerated_torch"]["psnr_db"] - results["field_accelerated"]["psnr_db"]) < 0.05

@@ -361,3 +361,76 @@ def test_volume_field_takes_the_fused_path_only_without_gradients(monkeypatch: p
     assert calls and not inferred.requires_grad
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-6)
     assert bool((inferred[(points.abs() > 1).any(dim=-1)] == 0).all())  # outside the box: 0
+
+
+def test_pickling_drops_native_and_device_side_state() -> None:
+    """deepcopy / torch.save of the module keep params only: no tcnn native module, no cached device tables."""
+    import copy
+    import io
+
+    encoder = HashGridEncoding(num_levels=2, log2_hashmap_size=8, backend="torch")
+    encoder.__dict__["_tcnn_encoding"] = object()  # stands for a native tcnn module, which cannot be pickled
+    encoder._triton_tables["key"] = (torch.zeros(1), torch.zeros(1))
+    buffer = io.BytesIO()
+    torch.save(copy.deepcopy(encoder), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded._tcnn_encoding is None and loaded._triton_tables == {}
+    points = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(points), encoder(points))
+    with pytest.raises(RuntimeError, match="params on"):
+        encoder(torch.rand(2, 3, device="meta"))
+
+
+class _FakeTcnnEncoding(torch.nn.Module):
+    """Stands in for ``tinycudann.Encoding`` on a CPU: its own params at construction, and a forward that reads
+    whatever ``self.params`` holds at call time (what tcnn's ``Module.forward`` does), computed by the torch path."""
+
+    created = 0
+
+    def __init__(self, n_input_dims, config, dtype=None, seed=1337):
+        super().__init__()
+        type(self).created += 1
+        self.reference = HashGridEncoding(
+            num_levels=config["n_levels"], features_per_level=config["n_features_per_level"],
+            log2_hashmap_size=config["log2_hashmap_size"], base_resolution=config["base_resolution"],
+            per_level_scale=config["per_level_scale"], backend="torch",
+        )
+        self.params = torch.nn.Parameter(torch.zeros(self.reference.params.numel()))
+
+    def forward(self, x):
+        assert x.shape[0] > 0 and x.dtype == torch.float32 and x.is_contiguous()
+        from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_encode
+
+        geometry, features = self.reference.geometry, self.reference.features_per_level
+        return torch_encode(x, self.params.to(torch.float32).contiguous(), geometry, features)
+
+
+def test_tcnn_wrapper_shares_our_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our side of the tcnn design, on a CPU with a stand-in module: one state (our params, which train and are
+    checkpointed), no empty batches handed over, the native module made once per device and never pickled."""
+    import contextlib
+    import types
+
+    from gridinr_nerfstudio.fields.hash_grid import _backend as backend_module
+
+    monkeypatch.setattr(backend_module, "tcnn_module", lambda: types.SimpleNamespace(Encoding=_FakeTcnnEncoding))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    ours = HashGridEncoding(num_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=32, backend="tcnn")
+    monkeypatch.setattr(ours, "backend_for", lambda device: "tcnn")  # as on a CUDA device with tcnn installed
+    with torch.no_grad():
+        ours.params.normal_(generator=torch.Generator().manual_seed(0))
+    reference = HashGridEncoding(num_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=32,
+                                 backend="torch")
+    reference.load_state_dict(ours.state_dict())
+    points = torch.rand(100, 3, generator=torch.Generator().manual_seed(1))
+    _FakeTcnnEncoding.created = 0
+    torch.testing.assert_close(ours(points), reference(points))
+    assert ours(torch.zeros(0, 3)).shape == (0, 8)
+    optimizer = HashGridAdam([ours.params], lr=1e-2)
+    before = ours.params.detach().clone()
+    ours(points).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(ours.params.detach(), before)  # the gradient reached our params through "tcnn"
+    assert _FakeTcnnEncoding.created == 1 and list(ours.state_dict()) == ["params"]
+    assert ours.__getstate__()["_tcnn_encoding"] is None

@@ -32,7 +32,8 @@ class VolumeFieldSettings:
     hidden_dim: int = 64
     num_hidden_layers: int = 2
     backend: str = "auto"
-    """Hash-grid backend: auto (tiny-cuda-nn on CUDA when installed, else our C++ kernels, else torch), tcnn, cpp, torch."""
+    """Hash-grid backend: auto (CUDA: tiny-cuda-nn when installed, else our Triton kernels; CPU: our C++ kernels;
+    else torch), tcnn, triton, cpp, torch."""
 
 
 def value_mlp(settings: VolumeFieldSettings) -> MLP:

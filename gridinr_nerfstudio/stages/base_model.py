@@ -27,6 +27,7 @@ from gridinr_nerfstudio.eval.metrics import ImageMetrics
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache
 from gridinr_nerfstudio.rendering.images import render_image
+from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import SampleFn, ValueFn, estimate_normals, render_rays
 from gridinr_nerfstudio.rendering.settings import RenderSettings
@@ -42,8 +43,9 @@ class StageModelConfig(ModelConfig):
     _target: Type = field(default_factory=lambda: StageModel)
     enable_collider: bool = False
     """Rays are clipped to the scene box by the ray marcher itself."""
-    render_chunk_rays: int = 1 << 15
-    """Rays rendered at once for whole images (memory vs speed)."""
+    render_chunk_rays: int = 0
+    """Rays rendered at once for whole images (memory vs speed); 0: the device's default (device_defaults.py:
+    2^15 on a CPU, 2^18 on CUDA)."""
     accelerate: bool = True
     """Empty-space skipping and early ray termination for whole-image renders (viewer, eval, videos)."""
     occupancy_resolution: int = 128
@@ -197,9 +199,13 @@ class StageModel(Model):
             camera_ray_bundle.directions,
             self.sample_fn(),
             self.aabb,
-            chunk_rays=self.config.render_chunk_rays,
+            chunk_rays=self.render_chunk_rays(),
             **self.render_kwargs(accelerate=self.config.accelerate),
         )
+
+    def render_chunk_rays(self) -> int:
+        """`render_chunk_rays`, or the default for the device the model is on (device_defaults.py)."""
+        return resolve(self.config.render_chunk_rays, "render_chunk_rays", self.device)
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         raise NotImplementedError

@@ -1,7 +1,7 @@
-"""The compiled hash-grid kernels (our C++/OpenMP extension, tiny-cuda-nn) and the table-gradient buffers.
+"""The compiled hash-grid kernels (our C++/OpenMP extension, tiny-cuda-nn, Triton) and the table-gradient buffers.
 
-Both backends are optional: ``cpp`` is None when the extension was not built, tiny-cuda-nn is imported lazily
-(importing it initialises CUDA). Read ``_backend.cpp`` at call time (tests switch it off by patching it).
+All are optional: ``cpp`` is None when the extension was not built; tiny-cuda-nn (importing it initialises CUDA)
+and our Triton kernels (importing triton takes a second) are imported lazily. Read ``_backend.cpp`` at call time (tests switch it off by patching it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ except ImportError:
     cpp = None
 
 _tcnn_module = None
+_triton_module = None
 
 
 def cpp_extension_available() -> bool:
@@ -33,6 +34,22 @@ def tcnn_available() -> bool:
         except (ImportError, OSError, RuntimeError):
             _tcnn_module = False
     return _tcnn_module is not False
+
+
+def triton_available() -> bool:
+    """True when our Triton kernels import (triton ships with CUDA builds of torch)."""
+    global _triton_module
+    if _triton_module is None:
+        try:
+            _triton_module = importlib.import_module("gridinr_nerfstudio.fields.hash_grid._triton")
+        except (ImportError, OSError, RuntimeError):
+            _triton_module = False
+    return _triton_module is not False
+
+
+def triton_module():
+    """The imported ``_triton`` kernels module (call ``triton_available()`` first)."""
+    return _triton_module
 
 
 def tcnn_module():

@@ -6,9 +6,12 @@ backends behind the same interface:
 
 - ``"tcnn"``: tiny-cuda-nn (``tinycudann.Encoding``) for CUDA tensors, when it imports;
 - ``"cpp"``: our C++/OpenMP kernels (``csrc/hash_grid.cpp``) for CPU tensors, when the extension is built;
+- ``"triton"``: our Triton kernels (``_triton.py``) for CUDA tensors (CPU tensors too when the kernels were
+  loaded under ``TRITON_INTERPRET=1``, which is how the tests check them);
 - ``"torch"``: pure PyTorch, any device (the fallback, and the readable statement of the math).
 
-``backend="auto"`` picks, per call, tcnn on CUDA if possible, else cpp on CPU if built, else torch.
+``backend="auto"`` picks, per call: on CUDA tcnn if it imports, else triton, else torch; on CPU cpp if built, else
+torch (never triton: the interpreter is for tests).
 
 Grid geometry (``convention="tcnn"``, tiny-cuda-nn's ``HashGrid``; float32 like tcnn):
     level l scale ``s_l = exp2(l * log2(per_level_scale)) * base_resolution - 1``, ``r_l = ceil(s_l) + 1``
@@ -29,7 +32,8 @@ dtype=torch.float32).params`` holds, so a ``convention="tcnn"`` checkpoint loads
 ``convention="nerfstudio"``, ``offset_l = l * 2^log2_hashmap_size`` and ``params.view(-1, F)`` *is* nerfstudio's
 ``hash_table`` (see ``from_nerfstudio`` / ``nerfstudio_hash_table``).
 
-Gradients: w.r.t. the table on every backend; w.r.t. the positions too (cpp kernel, torch autograd, tcnn).
+Gradients: w.r.t. the table on every backend; w.r.t. the positions too (cpp and triton kernels, torch autograd,
+tcnn).
 For training on CPU use ``HashGridAdam`` for the table: a lazy Adam (zero-gradient entries skipped, as tiny-cuda-nn
 does for grids) in one fused C++ pass that also hands the zeroed gradient buffer back to the next backward, so no
 table-sized gradient is allocated and zeroed per step.
@@ -44,7 +48,7 @@ import torch
 from torch import nn
 
 from gridinr_nerfstudio.fields.hash_grid import _backend
-from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available, tcnn_available
+from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available, tcnn_available, triton_available
 from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_encode
 from gridinr_nerfstudio.fields.hash_grid.geometry import (
     SUPPORTED_FEATURES_PER_LEVEL,
@@ -52,7 +56,8 @@ from gridinr_nerfstudio.fields.hash_grid.geometry import (
     tcnn_geometry,
 )
 
-Backend = Literal["auto", "tcnn", "cpp", "torch"]
+Backend = Literal["auto", "tcnn", "triton", "cpp", "torch"]
+BACKENDS = ("auto", "tcnn", "triton", "cpp", "torch")
 Convention = Literal["tcnn", "nerfstudio"]
 
 
@@ -91,7 +96,7 @@ class HashGridEncoding(nn.Module):
         max_resolution: resolution of the finest level; sets ``per_level_scale`` when that is not given.
         per_level_scale: growth factor between levels (overrides ``max_resolution``).
         convention: ``"tcnn"`` (instant-ngp / tiny-cuda-nn) or ``"nerfstudio"`` (nerfstudio's torch HashEncoding).
-        backend: ``"auto"``, ``"tcnn"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"tcnn"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
         init_scale: parameters start uniform in [-init_scale, init_scale] (tcnn uses 1e-4).
     """
 
@@ -114,8 +119,8 @@ class HashGridEncoding(nn.Module):
             )
         if num_levels < 1 or not 1 <= log2_hashmap_size <= 31 or base_resolution < 1:
             raise ValueError("need num_levels >= 1, 1 <= log2_hashmap_size <= 31 and base_resolution >= 1")
-        if backend not in ("auto", "tcnn", "cpp", "torch"):
-            raise ValueError(f"backend must be 'auto', 'tcnn', 'cpp' or 'torch', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if per_level_scale is None:
             per_level_scale = (
                 float(np.exp((np.log(max_resolution) - np.log(base_resolution)) / (num_levels - 1)))
@@ -137,6 +142,7 @@ class HashGridEncoding(nn.Module):
         self.backend = backend
         self._kernel_arguments = self.geometry.kernel_arguments()
         self._tcnn_encoding = None  # created on first CUDA call; not a submodule, ``params`` is the only state
+        self._triton_tables: dict = {}  # (device, dtype) -> level tables for the Triton kernels (not state)
         params = torch.empty(self.geometry.num_entries * features_per_level).uniform_(-init_scale, init_scale)
         self.params = nn.Parameter(params)
 
@@ -160,12 +166,23 @@ class HashGridEncoding(nn.Module):
         cpp_ok = (
             device.type == "cpu" and self.params.dtype in (torch.float32, torch.float64) and cpp_extension_available()
         )
+        triton_dtype = self.params.dtype in (torch.float32, torch.float64)
         if self.backend == "auto":
             if tcnn_ok and tcnn_available():
                 return "tcnn"
+            if device.type == "cuda" and triton_dtype and triton_available():
+                return "triton"
             return "cpp" if cpp_ok else "torch"
         if self.backend == "tcnn" and not (tcnn_ok and tcnn_available()):
             raise RuntimeError("backend='tcnn' needs tinycudann, CUDA tensors, float32 params and convention='tcnn'")
+        triton_ok = triton_dtype and triton_available() and (
+            device.type == "cuda" or (device.type == "cpu" and _backend.triton_module().INTERPRETED)
+        )
+        if self.backend == "triton" and not triton_ok:
+            raise RuntimeError(
+                "backend='triton' needs triton (shipped with CUDA builds of torch), float32/float64 params and CUDA "
+                "tensors (CPU tensors only under TRITON_INTERPRET=1)"
+            )
         if self.backend == "cpp" and not cpp_ok:
             raise RuntimeError(
                 "backend='cpp' needs CPU float32/float64 tensors and the built extension "
@@ -179,8 +196,20 @@ class HashGridEncoding(nn.Module):
         batch_shape = positions.shape[:-1]
         flat = positions.reshape(-1, 3).to(self.params.dtype).contiguous()
         backend = self.backend_for(flat.device)
+        if flat.device != self.params.device:
+            raise RuntimeError(
+                f"HashGridEncoding: positions on {flat.device} but params on {self.params.device} (move the module)"
+            )
         if backend == "tcnn":
             encoded = self._tcnn_forward(flat)
+        elif backend == "triton":
+            key = (flat.device, flat.dtype)
+            if key not in self._triton_tables:
+                self._triton_tables[key] = _backend.triton_module().level_table(self.geometry, flat.device, flat.dtype)
+            scales, info = self._triton_tables[key]
+            encoded = _backend.triton_module().HashGridTritonFunction.apply(
+                flat, self.params, scales, info, float(self.geometry.shift), self.features_per_level
+            )
         elif backend == "cpp":
             scales, level_info, shift = self._kernel_arguments
             encoded = _HashGridCppFunction.apply(flat, self.params, scales, level_info, shift, self.features_per_level)
@@ -210,17 +239,42 @@ class HashGridEncoding(nn.Module):
             )
 
     def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """tiny-cuda-nn's kernels on our ``params`` (one state, one layout, portable checkpoints).
+
+        The native module is created on the positions' device and recreated when the module moves; an empty
+        batch is answered here (tcnn would launch its kernels on 0 rows; its bindings do not guard that), and
+        tcnn is handed our ``params`` exactly as its own ``Module.forward`` expects them: a CUDA float32
+        contiguous ``nn.Parameter`` of ``n_params`` values on the input's device (its bindings check this too;
+        we check first for a clear message). tcnn's own initial params are dropped; a fp32 encoding's loss
+        scale is 1.
+        """
+        if positions.shape[0] == 0:
+            return positions.new_zeros((0, self.get_out_dim()))
+        params = self.params
+        if params.device != positions.device or params.dtype != torch.float32 or not params.is_contiguous():
+            raise RuntimeError(
+                f"backend='tcnn' needs contiguous float32 params on the positions' device {positions.device}, "
+                f"got {params.dtype} on {params.device}"
+            )
         encoding = self._tcnn_encoding
-        if encoding is None:
+        if encoding is None or encoding.params.device != positions.device:
             with torch.cuda.device(positions.device):
                 encoding = _backend.tcnn_module().Encoding(3, self.tcnn_config(), dtype=torch.float32)
-            if encoding.params.numel() != self.params.numel():
+            if encoding.params.numel() != params.numel() or encoding.params.device != positions.device:
                 raise RuntimeError(
-                    f"tiny-cuda-nn holds {encoding.params.numel()} grid parameters, our layout {self.params.numel()}"
+                    f"tiny-cuda-nn holds {encoding.params.numel()} grid parameters on {encoding.params.device}, "
+                    f"our layout {params.numel()} on {positions.device}"
                 )
             self.__dict__["_tcnn_encoding"] = encoding  # not a submodule: ``params`` stays our only state
-        encoding.params = self.params  # tcnn reads its ``params`` attribute: share ours, one state, one layout
-        return encoding(positions)
+        encoding.params = params  # tcnn's forward reads its ``params`` attribute: share ours
+        return encoding(positions.to(torch.float32).contiguous())
+
+    def __getstate__(self) -> dict:
+        """Pickle (torch.save of the module, deepcopy) without the native tcnn module or device-side tables."""
+        state = self.__dict__.copy()
+        state["_tcnn_encoding"] = None
+        state["_triton_tables"] = {}
+        return state
 
     @classmethod
     def from_nerfstudio(cls, encoding: nn.Module, backend: Backend = "auto") -> HashGridEncoding:

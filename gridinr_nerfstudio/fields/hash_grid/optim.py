@@ -11,7 +11,7 @@ from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_sparse_adam_st
 
 
 class HashGridAdam(torch.optim.Optimizer):
-    """Lazy Adam for hash tables, fused into one pass (C++ on CPU, torch ops elsewhere).
+    """Lazy Adam for hash tables, fused into one pass (C++ on CPU, Triton on CUDA, torch ops elsewhere).
 
     Update rule of ``torch.optim.SparseAdam`` applied to a dense gradient whose exact zeros mean "not touched this
     step" (tiny-cuda-nn's Adam skips zero-gradient grid entries the same way): touched entries update their moments
@@ -56,8 +56,19 @@ class HashGridAdam(torch.optim.Optimizer):
                     and param.is_contiguous()
                     and grad.is_contiguous()
                 )
+                triton_ok = (
+                    param.device.type == "cuda"
+                    and param.dtype in (torch.float32, torch.float64)
+                    and param.is_contiguous()
+                    and grad.is_contiguous()
+                    and _backend.triton_available()
+                )
                 if fused:
                     _backend.cpp.sparse_adam_step(
+                        param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"]
+                    )
+                elif triton_ok:
+                    _backend.triton_module().sparse_adam_step(
                         param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"]
                     )
                 else:

@@ -1,60 +1,63 @@
-"""``gridinr-bench encoding``: our HashGridEncoding vs nerfstudio's torch HashEncoding, same config, one run.
+"""``gridinr-bench encoding``: our HashGridEncoding on each available backend vs nerfstudio's torch HashEncoding.
 
-Both encoders are timed in alternation (median of ``--repeats``) so that load from other processes hits both.
-Besides points/s it times one training step of ours per optimizer (forward, backward, step), because on CPU a
-dense Adam step over the table, and the fresh table-sized gradient buffer of each backward, cost as much as the
-encoding itself; ``HashGridAdam`` avoids both.
+Same config for all, one run, on ``--device`` (auto: CUDA when available). Contenders are timed in alternation
+(median of ``--repeats``; CUDA-event timing on a GPU) so that load from other processes hits all of them. Ours runs
+on every backend available on the device (CUDA: tcnn, triton, torch; CPU: cpp, torch; ``--backends`` picks), from
+the same parameters; ``--compile`` adds ``torch.compile`` of the torch path. Besides points/s it times one
+training step (forward, backward, optimizer step) of ours per optimizer, because a dense Adam step over the table,
+and the fresh table-sized gradient buffer of each backward, can cost as much as the encoding; ``HashGridAdam``
+(lazy: C++ on a CPU, Triton on CUDA) avoids both.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from nerfstudio.field_components.encodings import HashEncoding
 
+from gridinr_nerfstudio.fields.hash_grid import _backend
+from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_encode
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
 from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
+from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device, time_alternating
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "encoding",
-        help="hash-grid encoding throughput, ours vs nerfstudio torch",
-        description="Our HashGridEncoding vs nerfstudio's torch HashEncoding, same config, timed side by side.",
+        help="hash-grid encoding throughput, ours (each backend) vs nerfstudio torch",
+        description="Our HashGridEncoding (each backend) vs nerfstudio's torch HashEncoding, same config, timed "
+                    "side by side.",
     )
     parser.add_argument("--levels", type=int, default=16)
     parser.add_argument("--features", type=int, default=2)
     parser.add_argument("--log2-table", type=int, default=19)
     parser.add_argument("--base-resolution", type=int, default=16)
     parser.add_argument("--max-resolution", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--batch", type=int, default=0, help="points per call (0: 2^16 on a CPU, 2^20 on CUDA)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads")
+    parser.add_argument("--backends", default="all",
+                        help="comma-separated backends of ours (tcnn, triton, cpp, torch), or all available ones")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of our torch path")
+    parser.add_argument("--no-nerfstudio", action="store_true", help="leave out nerfstudio's torch HashEncoding")
+    add_device_argument(parser)
     return parser
 
 
-def _median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
+def available_backends(device: torch.device) -> list[str]:
+    """Backends of ours that run on ``device``, fastest expected first."""
+    if device.type == "cuda":
+        names = ["tcnn"] if _backend.tcnn_available() else []
+        if _backend.triton_available() and not _backend.triton_module().INTERPRETED:
+            names.append("triton")
+        return names + ["torch"]
+    return (["cpp"] if _backend.cpp_extension_available() else []) + ["torch"]
 
 
-def _time_alternating(contenders: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each contender, run in turn after one warm-up call each."""
-    for fn in contenders.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: _median_ms(values) for name, values in samples.items()}
-
-
-def _forward(encoder: torch.nn.Module, positions: torch.Tensor) -> Callable[[], None]:
+def _forward(encoder: Callable[[torch.Tensor], torch.Tensor], positions: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
             encoder(positions)
@@ -62,11 +65,12 @@ def _forward(encoder: torch.nn.Module, positions: torch.Tensor) -> Callable[[], 
     return run
 
 
-def _forward_backward(encoder: torch.nn.Module, positions: torch.Tensor, upstream: torch.Tensor) -> Callable[[], None]:
+def _forward_backward(encoder: torch.nn.Module, positions: torch.Tensor, upstream: torch.Tensor,
+                      call: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], None]:
     def run() -> None:
         for param in encoder.parameters():
             param.grad = None
-        encoder(positions).backward(upstream)
+        (call or encoder)(positions).backward(upstream)
 
     return run
 
@@ -77,93 +81,101 @@ def _training_step_ms(
     positions: torch.Tensor,
     upstream: torch.Tensor,
     repeats: int,
+    clock: Clock,
 ) -> dict[str, float]:
     """Median milliseconds of forward, backward and optimizer step of a training step (after one warm-up step)."""
     samples: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
     for repeat in range(repeats + 1):
-        start = time.perf_counter()
-        encoded = encoder(positions)
-        forward_done = time.perf_counter()
-        encoded.backward(upstream)
-        backward_done = time.perf_counter()
-        optimizer.step()
-        step_done = time.perf_counter()
+        holder: dict[str, torch.Tensor] = {}
+        forward = clock.time(lambda: holder.update(encoded=encoder(positions)))
+        backward = clock.time(lambda: holder["encoded"].backward(upstream))
+        step = clock.time(optimizer.step)
         optimizer.zero_grad(set_to_none=True)
         if repeat:
-            samples["forward"].append(forward_done - start)
-            samples["backward"].append(backward_done - forward_done)
-            samples["step"].append(step_done - backward_done)
-    parts = {name: _median_ms(values) for name, values in samples.items()}
+            samples["forward"].append(forward)
+            samples["backward"].append(backward)
+            samples["step"].append(step)
+    parts = {name: sorted(values)[len(values) // 2] * 1e3 for name, values in samples.items()}
     parts["total"] = sum(parts.values())
     return parts
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    clock = Clock(device)
+    batch = args.batch or (1 << 20 if device.type == "cuda" else 1 << 16)
     generator = torch.Generator().manual_seed(0)
-    positions = torch.rand(args.batch, 3, generator=generator)
-    upstream = torch.randn(args.batch, args.levels * args.features, generator=generator)
-    ours = HashGridEncoding(
-        num_levels=args.levels,
-        features_per_level=args.features,
-        log2_hashmap_size=args.log2_table,
-        base_resolution=args.base_resolution,
-        max_resolution=args.max_resolution,
-    )
-    nerfstudio = HashEncoding(
-        num_levels=args.levels,
-        min_res=args.base_resolution,
-        max_res=args.max_resolution,
-        log2_hashmap_size=args.log2_table,
-        features_per_level=args.features,
-        implementation="torch",
-    )
+    positions = torch.rand(batch, 3, generator=generator).to(device)
+    upstream = torch.randn(batch, args.levels * args.features, generator=generator).to(device)
+    geometry = dict(num_levels=args.levels, features_per_level=args.features, log2_hashmap_size=args.log2_table,
+                    base_resolution=args.base_resolution, max_resolution=args.max_resolution)
+    reference = HashGridEncoding(**geometry).to(device)
+    available = available_backends(device)
+    backends = available if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
+    for backend in backends:
+        if backend not in available:
+            raise SystemExit(f"gridinr-bench encoding: backend {backend!r} does not run on {device} here "
+                             f"(available: {', '.join(available)})")
+    encoders: dict[str, torch.nn.Module] = {}
+    calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for backend in backends:
+        encoder = HashGridEncoding(backend=backend, **geometry).to(device)
+        encoder.load_state_dict(reference.state_dict())
+        encoders[f"ours_{backend}"], calls[f"ours_{backend}"] = encoder, encoder
+    if args.compile:
+        encoder = HashGridEncoding(backend="torch", **geometry).to(device)
+        encoder.load_state_dict(reference.state_dict())
+        compiled = torch.compile(lambda x, p=encoder.params: torch_encode(x, p, encoder.geometry, args.features))
+        encoders["ours_torch_compiled"], calls["ours_torch_compiled"] = encoder, compiled
+    if not args.no_nerfstudio:
+        nerfstudio = HashEncoding(num_levels=args.levels, min_res=args.base_resolution, max_res=args.max_resolution,
+                                  log2_hashmap_size=args.log2_table, features_per_level=args.features,
+                                  implementation="torch").to(device)
+        encoders["nerfstudio_torch"], calls["nerfstudio_torch"] = nerfstudio, nerfstudio
     print(
         f"config: {args.levels} levels x {args.features} features, table 2^{args.log2_table}, resolution "
-        f"{args.base_resolution}..{args.max_resolution}, batch {args.batch}, {args.threads} threads, "
-        f"ours on backend '{ours.backend_for(positions.device)}' ({ours.params.numel() / 1e6:.1f} M params)",
+        f"{args.base_resolution}..{args.max_resolution}, batch {batch}, device {device_label(device)}, "
+        f"{reference.params.numel() / 1e6:.1f} M params; ours on {', '.join(backends)}",
         flush=True,
     )
-    forward_ms = _time_alternating(
-        {"ours": _forward(ours, positions), "nerfstudio_torch": _forward(nerfstudio, positions)}, args.repeats
+    forward_ms = time_alternating({name: _forward(calls[name], positions) for name in encoders}, args.repeats, clock)
+    fwd_bwd_ms = time_alternating(
+        {name: _forward_backward(encoders[name], positions, upstream, calls[name]) for name in encoders},
+        args.repeats, clock,
     )
-    fwd_bwd_ms = _time_alternating(
-        {
-            "ours": _forward_backward(ours, positions, upstream),
-            "nerfstudio_torch": _forward_backward(nerfstudio, positions, upstream),
-        },
-        args.repeats,
-    )
-    result = {
-        name: {
-            "fwd_points_per_s": args.batch / (forward_ms[name] / 1e3),
-            "fwd_bwd_points_per_s": args.batch / (fwd_bwd_ms[name] / 1e3),
+    result: dict = {
+        name: {"fwd_points_per_s": batch / (forward_ms[name] / 1e3), "fwd_bwd_points_per_s": batch / (fwd_bwd_ms[name] / 1e3)}
+        for name in encoders
+    }
+    ours = [name for name in encoders if name.startswith("ours_")]
+    best = max(ours, key=lambda name: result[name]["fwd_bwd_points_per_s"])
+    result["ours"] = dict(result[best], backend=best.removeprefix("ours_"))
+    print(f"{'':22s}{'fwd M points/s':>16s}{'fwd+bwd M points/s':>20s}")
+    for name in encoders:
+        print(f"{name:22s}{result[name]['fwd_points_per_s'] / 1e6:16.3f}{result[name]['fwd_bwd_points_per_s'] / 1e6:20.3f}")
+    if "nerfstudio_torch" in encoders:
+        result["ratio"] = {
+            "fwd": result["ours"]["fwd_points_per_s"] / result["nerfstudio_torch"]["fwd_points_per_s"],
+            "fwd_bwd": result["ours"]["fwd_bwd_points_per_s"] / result["nerfstudio_torch"]["fwd_bwd_points_per_s"],
         }
-        for name in ("ours", "nerfstudio_torch")
-    }
-    result["ratio"] = {
-        "fwd": result["ours"]["fwd_points_per_s"] / result["nerfstudio_torch"]["fwd_points_per_s"],
-        "fwd_bwd": result["ours"]["fwd_bwd_points_per_s"] / result["nerfstudio_torch"]["fwd_bwd_points_per_s"],
-    }
-    print(f"{'':18s}{'fwd M points/s':>16s}{'fwd+bwd M points/s':>20s}")
-    for name in ("ours", "nerfstudio_torch"):
-        print(
-            f"{name:18s}{result[name]['fwd_points_per_s'] / 1e6:16.3f}{result[name]['fwd_bwd_points_per_s'] / 1e6:20.3f}"
-        )
-    print(f"{'ratio':18s}{result['ratio']['fwd']:15.1f}x{result['ratio']['fwd_bwd']:19.1f}x")
+        print(f"{'ratio (' + best + ')':22s}{result['ratio']['fwd']:15.1f}x{result['ratio']['fwd_bwd']:19.1f}x")
 
-    params = [ours.params]
-    optimizers = {
-        "torch_adam": torch.optim.Adam(params, lr=1e-2, eps=1e-15),  # CPU default: for-loop implementation
-        "torch_adam_fused": torch.optim.Adam(params, lr=1e-2, eps=1e-15, fused=True),
-        "hash_grid_adam": HashGridAdam(params, lr=1e-2, eps=1e-15),  # backward reuses the buffer it hands back
-    }
+    stepper = encoders[f"ours_{backends[0]}"]
+    params = [stepper.params]
+    optimizers = {"torch_adam_fused": torch.optim.Adam(params, lr=1e-2, eps=1e-15, fused=True),
+                  "hash_grid_adam": HashGridAdam(params, lr=1e-2, eps=1e-15)}  # backward reuses its buffer
+    if device.type == "cpu":
+        optimizers = {"torch_adam": torch.optim.Adam(params, lr=1e-2, eps=1e-15), **optimizers}  # for-loop version
     result["training_step_ms"] = {
-        name: _training_step_ms(ours, optimizer, positions, upstream, args.repeats)
+        name: _training_step_ms(stepper, optimizer, positions, upstream, args.repeats, clock)
         for name, optimizer in optimizers.items()
     }
-    print("one training step of ours (fresh gradient buffer each step, except hash_grid_adam), ms (median):")
+    print(f"one training step of ours_{backends[0]} (fresh gradient buffer each step, except hash_grid_adam), "
+          "ms (median):")
     print(f"{'':18s}" + "".join(f"{part:>10s}" for part in ("forward", "backward", "step", "total")))
     for name, parts in result["training_step_ms"].items():
-        print(f"{name:18s}" + "".join(f"{value:10.1f}" for value in parts.values()))
+        print(f"{name:18s}" + "".join(f"{value:10.2f}" for value in parts.values()))
+    result["config"] = {"device": str(device), "batch": batch, "backends": backends, **geometry,
+                        "threads": torch.get_num_threads()}
     return result

@@ -9,6 +9,13 @@ between them (whoever is behind in its own time goes next) and each clock counts
 other processes hits both alike. Volume PSNR is measured at native resolution over every voxel, outside the clocks:
 at the end, and at the optional ``--curve`` times.
 
+``--device`` (auto: CUDA when available) moves everything there: the models, and the volume too when it fits in a
+quarter of the GPU's memory (batches are then made on the GPU, stages/fit/device_sampler.py; ``--resident``);
+step times are then measured with the GPU synchronised at the end of each step. Contenders: ``ours`` (the method's
+field and optimizers; backend and hash optimizer picked for the device), ``ours_<backend>`` for a backend
+(tcnn, triton, cpp, torch), ``ours_dense`` / ``ours_lazy`` for the hash-table optimizer mode, and
+``nerfstudio_torch``.
+
 ``--threads`` defaults to 1: on a 2-core machine shared with other work, a second OpenMP/ATen thread is often
 descheduled while the first spins at every parallel region's barrier (steps measured 1.5x slower with one other busy
 process, 10x under heavier load). On an idle machine 2 threads are 1.9x faster; ``OMP_WAIT_POLICY=PASSIVE`` in the
@@ -18,8 +25,8 @@ environment keeps 2 threads within ~10% of the best in both cases.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +38,13 @@ from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT, open_data
 from gridinr_nerfstudio.data.volume_io import scene_aabb
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings, value_mlp
 from gridinr_nerfstudio.gridinr_config import GridINRTrainerConfig, fit_trainer_config
+from gridinr_nerfstudio.device_defaults import resolve
+from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
+
+BACKENDS = ("tcnn", "triton", "cpp", "torch")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, default=BUILTIN_DEFAULT, help="volume (default: the built-in one)")
     parser.add_argument("--seconds", type=float, default=60.0, help="training wall time per contender")
-    parser.add_argument("--batch", type=int, default=datamanager.batch_size, help="points per step")
+    parser.add_argument("--batch", type=int, default=datamanager.batch_size,
+                        help="points per step (0: the device's default, device_defaults.py)")
     parser.add_argument("--sampling", choices=("voxels", "continuous"), default=datamanager.sampling,
                         help="training positions (see volume_datamanager)")
     parser.add_argument("--continuous-fraction", type=float, default=datamanager.continuous_fraction,
@@ -68,7 +81,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch's default)")
     parser.add_argument("--curve", default="", help="comma-separated training times (s) at which to also measure "
                         "volume PSNR, e.g. 15,30")
-    parser.add_argument("--contenders", default="ours,nerfstudio_torch", help="comma-separated subset to run")
+    parser.add_argument("--contenders", default="ours,nerfstudio_torch",
+                        help="comma-separated: ours, ours_<backend> (tcnn, triton, cpp, torch), ours_dense, ours_lazy, "
+                             "nerfstudio_torch")
+    parser.add_argument("--resident", choices=("auto", "on", "off"), default=datamanager.device_resident,
+                        help="volume and batch making on the device (auto: on CUDA when it fits)")
+    add_device_argument(parser)
     return parser
 
 
@@ -95,13 +113,18 @@ class Contender:
     """One model with the method's optimizers, its own batches and its own clock."""
 
     def __init__(self, name: str, model: nn.Module, method: GridINRTrainerConfig, lr_finals: dict[str, float],
-                 beta2: float | None, sampler: VolumePointSampler, aabb: torch.Tensor):
+                 beta2: float | None, sampler: VolumePointSampler, aabb: torch.Tensor, clock: Clock,
+                 hash_mode: str | None = None):
         self.name = name
+        self.clock = clock
         self.model = model
         self.sampler = sampler
         self.aabb = aabb
         groups = {"encoding": model.encoding.parameters(), "mlp": model.mlp.parameters()}
-        self.optimizers = [method.optimizers[group]["optimizer"].setup(params) for group, params in groups.items()]
+        configs = {group: method.optimizers[group]["optimizer"] for group in groups}
+        if hash_mode is not None:
+            configs["encoding"] = dataclasses.replace(configs["encoding"], mode=hash_mode)
+        self.optimizers = [configs[group].setup(params) for group, params in groups.items()]
         self.lr_ranges = [(method.optimizers[group]["optimizer"].lr, lr_finals[group]) for group in groups]
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
@@ -113,7 +136,26 @@ class Contender:
 
     def step(self, batch_size: int, progress: float) -> None:
         """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress."""
-        started = time.perf_counter()
+        self.seconds += self.clock.time(lambda: self._step(batch_size, progress))
+        self.iterations += 1
+
+    def warm_up(self) -> None:
+        """One untimed forward, backward and optimizer step with zero gradients, then fresh optimizer state: JIT
+        kernels (Triton) compile here, not on the clock, and the model and the Adam moments stay untouched."""
+        points, targets = self.sampler.batch(4096, 0)
+        unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+        (self.model.forward_unit(unit) - targets).square().mean().backward()
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.zero_()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.state.clear()
+        self.clock.sync()
+
+    def _step(self, batch_size: int, progress: float) -> None:
         points, targets = self.sampler.batch(batch_size, self.iterations)
         unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
         for optimizer, (lr_init, lr_final) in zip(self.optimizers, self.lr_ranges):
@@ -125,15 +167,16 @@ class Contender:
         loss.backward()
         for optimizer in self.optimizers:
             optimizer.step()
-        self.seconds += time.perf_counter() - started
-        self.iterations += 1
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    clock = Clock(device)
+    args.batch = resolve(args.batch, "batch_size", device)
     volume = open_data(args.data)
-    aabb = scene_aabb(volume)
+    aabb = scene_aabb(volume).to(device)
     method = fit_trainer_config()
     settings = VolumeFieldSettings(
         num_levels=args.levels,
@@ -152,22 +195,34 @@ def run(args: argparse.Namespace) -> dict:
     encoding_lr, lr_final = method.optimizers["encoding"]["optimizer"].lr, lr_finals["encoding"]
     builders = {
         "ours": lambda: VolumeField(aabb, settings),
+        "ours_dense": lambda: VolumeField(aabb, settings),
+        "ours_lazy": lambda: VolumeField(aabb, settings),
         "nerfstudio_torch": lambda: NerfstudioBaseline(settings),
+        **{f"ours_{b}": (lambda b=b: VolumeField(aabb, dataclasses.replace(settings, backend=b))) for b in BACKENDS},
     }
     names = [name.strip() for name in args.contenders.split(",") if name.strip()]
+    for name in names:
+        if name not in builders:
+            raise SystemExit(f"gridinr-bench fit: unknown contender {name!r} (known: {', '.join(builders)})")
     curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
     torch.manual_seed(0)
     contenders = [
-        Contender(name, builders[name](), method, lr_finals, args.beta2,
-                  VolumePointSampler(volume, aabb, sampling=args.sampling,
-                                     continuous_fraction=args.continuous_fraction, subsample_factor=1), aabb)
+        Contender(name, builders[name]().to(device), method, lr_finals, args.beta2,
+                  make_point_sampler(volume, aabb.cpu(), device=device, resident=args.resident, sampling=args.sampling,
+                                     continuous_fraction=args.continuous_fraction, subsample_factor=1), aabb, clock,
+                  hash_mode={"ours_dense": "dense", "ours_lazy": "lazy"}.get(name))
         for name in names
     ]
+    for contender in contenders:
+        if isinstance(contender.model, VolumeField):
+            contender.backend = contender.model.encoding.backend_for(device)  # fails here if it cannot run
+        contender.warm_up()
+    samplers = {type(c.sampler).__name__ for c in contenders}
     decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {args.seconds:.0f} s per contender, "
           f"batch {args.batch} ({args.sampling}), {args.levels} levels x {args.features} features, "
           f"table 2^{args.log2_table}, resolutions {args.base_resolution}..{args.max_resolution}, {decoder}, "
-          f"lr {encoding_lr:g} -> {lr_final:g}; torch threads {torch.get_num_threads()}", flush=True)
+          f"lr {encoding_lr:g} -> {lr_final:g}; device {device_label(device)}, sampler {', '.join(samplers)}", flush=True)
     while True:
         pending = [c for c in contenders if c.seconds < args.seconds]
         if not pending:
@@ -176,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         contender.step(args.batch, min(contender.seconds / args.seconds, 1.0))
         for at in curve_times:
             if at < args.seconds and f"{at:g}" not in contender.curve and contender.seconds >= at:
-                contender.curve[f"{at:g}"] = volume_psnr(contender.model.forward_unit, volume)
+                contender.curve[f"{at:g}"] = volume_psnr(contender.model.forward_unit, volume, device)
 
     volume_bytes = int(np.prod(volume.info.dims)) * np.dtype(volume.info.dtype).itemsize
     results = {}
@@ -184,8 +239,10 @@ def run(args: argparse.Namespace) -> dict:
         model = contender.model.eval()
         params = sum(p.numel() for p in model.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        psnr = volume_psnr(model.forward_unit, volume)
+        psnr = volume_psnr(model.forward_unit, volume, device)
         results[contender.name] = {
+            "backend": getattr(contender, "backend", "nerfstudio"),
+            "hash_optimizer": type(contender.optimizers[0]).__name__,
             "volume_psnr_db": psnr,
             "train_points_per_s": contender.iterations * args.batch / contender.seconds,
             "iterations": contender.iterations,
@@ -200,23 +257,23 @@ def run(args: argparse.Namespace) -> dict:
         "continuous_fraction": args.continuous_fraction,
         "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final,
         "betas": dict(zip(("encoding", "mlp"), (list(o.param_groups[0]["betas"]) for o in contenders[0].optimizers))),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": str(device), "sampler": sorted(samplers),
     }
     return results
 
 
 def print_table(results: dict) -> None:
     columns = ["iterations", "train_points_per_s", "volume_psnr_db", "params", "compression_ratio"]
-    print(f"{'contender':<18}" + "".join(f"{c:>22}" for c in columns))
+    print(f"{'contender':<18}{'backend':>12}{'hash optimizer':>16}" + "".join(f"{c:>22}" for c in columns))
     for name, row in results.items():
-        print(f"{name:<18}" + "".join(f"{row[c]:>22.4g}" for c in columns))
+        print(f"{name:<18}{row['backend']:>12}{row['hash_optimizer']:>16}" + "".join(f"{row[c]:>22.4g}" for c in columns))
     for name, row in results.items():
         if len(row["psnr_curve_db"]) > 1:
             print(f"{name} volume PSNR (dB) at training time: "
                   + ", ".join(f"{t} s {psnr:.2f}" for t, psnr in row["psnr_curve_db"].items()))
     if {"ours", "nerfstudio_torch"} <= results.keys():
         ours, base = results["ours"], results["nerfstudio_torch"]
-        print(f"{'ours/baseline':<18}"
+        print(f"{'ours/baseline':<46}"
               f"{ours['iterations'] / max(base['iterations'], 1):>22.3g}"
               f"{ours['train_points_per_s'] / base['train_points_per_s']:>22.3g}"
               f"{ours['volume_psnr_db'] - base['volume_psnr_db']:>+19.2f} dB"

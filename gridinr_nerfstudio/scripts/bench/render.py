@@ -11,6 +11,9 @@ Contenders, all with the run's transfer function and samples per ray, on the fir
 - ``raw_volume``: the reference renderer on the raw voxels (trilinear), as the reference images were made.
 
 PSNR/SSIM of each rendering are against the run's reference images (the PNGs nerfstudio trains against).
+``--device`` (auto: CUDA when available) loads the run there; frame times then come from CUDA events.
+``--backends triton,torch`` adds ``field_accelerated_<backend>`` rows: the accelerated INR with the hash grid on
+that backend (the plain rows use the run's backend, ``auto``).
 Contenders run in turn per view so that load from other processes hits all of them alike.
 """
 
@@ -26,10 +29,12 @@ import torch
 from gridinr_nerfstudio.eval.metrics import ImageMetrics
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available
+from gridinr_nerfstudio.fields.hash_grid.encoding import BACKENDS
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache
 from gridinr_nerfstudio.rendering.images import camera_rays, render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.runs import load_run_pipeline
+from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
 
 CONTENDERS = ("field", "field_accelerated", "field_cache", "raw_volume")
 
@@ -43,18 +48,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, default=3, help="eval views to render per contender")
     parser.add_argument("--occupancy-resolution", type=int, default=None,
                         help="macrocells per axis for empty-space skipping (default: the run's model setting)")
+    parser.add_argument("--backends", default="",
+                        help="comma-separated hash-grid backends for extra field_accelerated_<backend> rows")
+    add_device_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
-    _, pipeline, _, _ = load_run_pipeline(args.load_config, test_mode="test")
+    device = resolve_device(getattr(args, "device", "auto"))
+    clock = Clock(device)
+    _, pipeline, _, _ = load_run_pipeline(args.load_config, test_mode="test", device=device)
     model = pipeline.model
-    device = model.aabb.device
     dataset = pipeline.datamanager.eval_dataset
     views = min(args.views, len(dataset))
 
     started = time.perf_counter()
     cache = decode_field_cache(model.field, model.volume.info.dims)
+    clock.sync()
     decode_seconds = time.perf_counter() - started
     raw = DenseGridField.from_volume(model.volume).to(device)
     color = model.color_fn()
@@ -66,23 +76,48 @@ def run(args: argparse.Namespace) -> dict:
     def field_values(points: torch.Tensor) -> torch.Tensor:
         return model.field(points).clamp(0, 1)
 
+    def field_on(backend: str):
+        def sample(points: torch.Tensor) -> torch.Tensor:
+            saved, model.field.encoding.backend = model.field.encoding.backend, backend
+            try:
+                return color(field_values(points))
+            finally:
+                model.field.encoding.backend = saved
+
+        return sample
+
     contenders = {  # (sample function, ray-marching options)
         "field": (lambda p: color(field_values(p)), {**plain, "early_stop_eps": 0.0}),
         "field_accelerated": (lambda p: color(field_values(p)), {**plain, "occupancy_grid": raw_cells}),
         "field_cache": (lambda p: color(cache(p).clamp(0, 1)), {**plain, "occupancy_grid": cache_cells}),
         "raw_volume": (lambda p: color(raw(p)), plain),  # as the reference images are rendered
     }
+    run_backend = model.field.encoding.backend
+    for backend in [b.strip() for b in getattr(args, "backends", "").split(",") if b.strip()]:
+        if backend not in BACKENDS:
+            raise SystemExit(f"gridinr-bench render: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+        model.field.encoding.backend = backend
+        try:
+            model.field.encoding.backend_for(device)  # one clear error now if it cannot run here
+        finally:
+            model.field.encoding.backend = run_backend
+        contenders[f"field_accelerated_{backend}"] = (field_on(backend), {**plain, "occupancy_grid": raw_cells})
     metrics = ImageMetrics(device=device)
     seconds = {name: 0.0 for name in contenders}
     scores = {name: [] for name in contenders}
     with torch.no_grad():
+        origins, directions = camera_rays(dataset.cameras, 0, device)
+        for sample_fn, kwargs in contenders.values():  # untimed: JIT kernels (Triton) compile here
+            render_image(origins[:8, :8], directions[:8, :8], sample_fn, model.aabb, **kwargs)
+        clock.sync()
         for index in range(views):
             origins, directions = camera_rays(dataset.cameras, index, device)
             reference = dataset.get_image_float32(index)[..., :3].to(device)
             for name, (sample_fn, kwargs) in contenders.items():
-                tick = time.perf_counter()
-                image = render_image(origins, directions, sample_fn, model.aabb, **kwargs)["rgb"].clamp(0, 1)
-                seconds[name] += time.perf_counter() - tick
+                holder = {}
+                seconds[name] += clock.time(lambda: holder.update(
+                    image=render_image(origins, directions, sample_fn, model.aabb, **kwargs)["rgb"].clamp(0, 1)))
+                image = holder["image"]
                 scores[name].append(metrics(image, reference))
 
     rays = views * int(dataset.cameras.width[0]) * int(dataset.cameras.height[0])
@@ -97,7 +132,9 @@ def run(args: argparse.Namespace) -> dict:
     results["field_cache"]["decode_seconds"] = decode_seconds
     results["config"] = {"views": views, "num_samples": model.render_settings.num_samples,
                          "occupancy_resolution": resolution, "threads": torch.get_num_threads(),
-                         "field_evaluation": "fused C++" if cpp_extension_available() else "torch"}
+                         "device": device_label(device), "hash_grid_backend": model.field.encoding.backend_for(device),
+                         "field_evaluation": ("fused C++" if cpp_extension_available() and device.type == "cpu"
+                                              else model.field.encoding.backend_for(device))}
     print_table(results)
     return results
 
@@ -106,9 +143,9 @@ def print_table(results: dict) -> None:
     config = results["config"]
     raw_ms = results["raw_volume"]["ms_per_frame"]
     print(f"{config['views']} views, {config['num_samples']} samples per ray, {config['occupancy_resolution']} "
-          f"macrocells per axis, field evaluated by {config['field_evaluation']}, torch threads {config['threads']}")
+          f"macrocells per axis, field evaluated by {config['field_evaluation']}, device {config['device']}")
     print(f"{'contender':<20}{'ms/frame':>12}{'rays/s':>14}{'x raw time':>12}{'PSNR dB':>10}{'SSIM':>9}")
-    for name in CONTENDERS:
+    for name in [key for key in results if key != "config"]:
         row = results[name]
         print(f"{name:<20}{row['ms_per_frame']:>12.1f}{row['rays_per_s']:>14.4g}{row['ms_per_frame'] / raw_ms:>12.2f}"
               f"{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}")

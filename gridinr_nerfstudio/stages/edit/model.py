@@ -116,7 +116,7 @@ class EditModel(StageModel):
         """Differentiable whole-image renderings (K, H, W, 3) of `cameras`, jittered while training."""
         sample_fn, kwargs = self.sample_fn(), self.render_kwargs()
         return torch.stack([
-            render_camera(cameras, index, sample_fn, self.aabb, chunk_rays=self.config.render_chunk_rays,
+            render_camera(cameras, index, sample_fn, self.aabb, chunk_rays=self.render_chunk_rays(),
                           stratified=self.training, **kwargs)["rgb"]
             for index in range(len(cameras))
         ])
