@@ -131,6 +131,8 @@ def check_output(path: Path, suffixes: Sequence[str]) -> None:
     if path.suffix.lower() not in suffixes:
         raise ExportError(f"{path}: unknown output type {path.suffix or '(none)'!r} (use {' '.join(suffixes)})")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(f"{path}: cannot write: {parent} is not a folder")
     if not parent.is_dir():
         raise ExportError(f"{path}: cannot write: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
