@@ -100,6 +100,22 @@ def build_preset(source: ExportSource, name: str, units: Units = "data", samples
     return preset, kind, world, physical, len(color_nodes)
 
 
+def preset_json(preset: dict[str, Any]) -> str:
+    """A one-preset ParaView file, with one node per line in "RGBPoints" (x r g b) and "Points" (x a mid sharp)."""
+    lines = ["[", " {"]
+    items = list(preset.items())
+    for index, (key, value) in enumerate(items):
+        comma = "," if index < len(items) - 1 else ""
+        if key in ("RGBPoints", "Points"):
+            rows = [", ".join(json.dumps(v) for v in value[i : i + 4]) for i in range(0, len(value), 4)]
+            lines.append(f"  {json.dumps(key)}: [")
+            lines.extend(f"   {row}{',' if i < len(rows) - 1 else ''}" for i, row in enumerate(rows))
+            lines.append(f"  ]{comma}")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}{comma}")
+    return "\n".join(lines + [" }", "]"]) + "\n"
+
+
 def export_preset(source: ExportSource, output: Path, name: Optional[str] = None, units: Units = "data",
                   samples: Optional[int] = None) -> PresetExport:
     """Write the run's transfer function to `output` (.json, a list holding one preset, as ParaView exports)."""
@@ -108,7 +124,7 @@ def export_preset(source: ExportSource, output: Path, name: Optional[str] = None
     name = name or f"{source.meta.name} {source.meta.variable} (gridinr)"
     preset, kind, world, physical, count = build_preset(source, name, units, samples)
     try:
-        output.write_text(json.dumps([preset], indent=1) + "\n")
+        output.write_text(preset_json(preset))
     except OSError as error:
         raise ExportError(f"{output}: cannot write ({error.strerror or error})") from None
     return PresetExport(output, preset, world, physical, count, kind)
