@@ -115,6 +115,9 @@ def test_ns_eval_reports_metrics_and_csv(tiny_fit_run, tmp_path):
     metrics = json.loads(output.read_text())["results"]
     for key in ("volume_psnr", "psnr", "ssim", "ms_per_frame", "rays_per_s", "fps", "compression_ratio", "params"):
         assert isinstance(metrics[key], float | int) and math.isfinite(metrics[key]), key
+    assert metrics["volume_bytes"] == 96**3 * 4  # the built-in volume, float32
+    assert metrics["model_bytes_fp32"] == 2 * metrics["model_bytes_fp16"] == 4 * metrics["params"]
+    assert metrics["compression_ratio"] == pytest.approx(metrics["volume_bytes"] / metrics["model_bytes_fp32"])
     if "lpips" in metrics:
         assert isinstance(metrics["lpips"], float)
     else:  # left out (nerfstudio's writers need numbers), said why once

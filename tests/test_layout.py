@@ -129,7 +129,7 @@ LAYERS = {
     "fields": 1, "transfer": 1, "device_defaults": 1,
     "rendering": 2,
     "data.dataparser": 3, "eval": 3, "runs": 3,
-    "stages": 4, "trainer": 4,
+    "stages": 4, "trainer": 4, "export": 4,
     "gridinr_config": 5, "scripts": 5,
 }
 """DESIGN.md's layers: a module imports only from its own level or lower ones."""

@@ -73,10 +73,13 @@ class FitModel(StageModel):
     def model_bytes(self) -> int:
         return int(sum(p.numel() * p.element_size() for p in self.field.parameters()))
 
+    def volume_bytes(self) -> int:
+        """Bytes of the raw volume in its own dtype."""
+        return int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
+
     def compression_ratio(self) -> float:
         """Volume bytes (in its own dtype) over model bytes."""
-        volume_bytes = int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
-        return volume_bytes / self.model_bytes()
+        return self.volume_bytes() / self.model_bytes()
 
 
 @torch.no_grad()

@@ -41,9 +41,14 @@ class FitPipeline(StagePipeline):
         return {}, self.model.get_loss_dict(outputs, batch), {}
 
     def extra_eval_metrics(self) -> dict:
+        """Volume PSNR and the sizes behind the compression ratio (raw volume in its dtype, field in fp32 / fp16)."""
         model = self.model
+        params = model.count_parameters()
         return {
             "volume_psnr": model.volume_psnr(),
-            "params": model.count_parameters(),
+            "params": params,
             "compression_ratio": model.compression_ratio(),
+            "volume_bytes": model.volume_bytes(),
+            "model_bytes_fp32": 4 * params,
+            "model_bytes_fp16": 2 * params,
         }

@@ -1,0 +1,108 @@
+"""What an export reads: the fitted field, the metadata of the volume it was fitted to, and (from a run folder)
+the raw voxels and the run's model.
+
+Two origins: a run folder (`from_run`, the config.yml of a gridinr-fit or gridinr-edit run; an edit run's field is
+its frozen stage-1 field) or a field file written by `gridinr-export model` (`export/model.py`), which needs no run.
+Geometry follows DESIGN.md: the field's unit cube spans the voxel centres, so voxel index i of an axis with n voxels
+sits at unit coordinate i / (n - 1) and at physical position i * spacing (origin at the first voxel centre).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+
+class ExportError(Exception):
+    """Bad export input (a missing file, an isovalue outside the data range, ...): one line naming the problem."""
+
+
+@dataclass
+class VolumeMeta:
+    """The volume a field was fitted to: enough to decode it in the data's own units, dtype and geometry."""
+
+    name: str
+    variable: str
+    timestep: int
+    dims: tuple[int, int, int]  # (X, Y, Z)
+    spacing: tuple[float, float, float]
+    dtype: str
+    value_min: float
+    value_max: float
+
+    @property
+    def extent(self) -> np.ndarray:
+        """Physical size (x, y, z) between the first and last voxel centres."""
+        return (np.asarray(self.dims, dtype=np.float64) - 1) * np.asarray(self.spacing, dtype=np.float64)
+
+    @property
+    def volume_bytes(self) -> int:
+        """Bytes of the raw volume in its own dtype (what compression ratios are measured against)."""
+        return int(np.prod(self.dims)) * np.dtype(self.dtype).itemsize
+
+    def to_data_units(self, normalized: np.ndarray) -> np.ndarray:
+        """Normalised values -> original units (float64)."""
+        return np.asarray(normalized, dtype=np.float64) * (self.value_max - self.value_min) + self.value_min
+
+    def to_normalized(self, value: float) -> float:
+        """A value in original units -> normalised units."""
+        span = self.value_max - self.value_min
+        return (value - self.value_min) / span if span > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "VolumeMeta":
+        return cls(
+            name=str(data["name"]), variable=str(data["variable"]), timestep=int(data["timestep"]),
+            dims=tuple(int(n) for n in data["dims"]), spacing=tuple(float(s) for s in data["spacing"]),
+            dtype=str(data["dtype"]), value_min=float(data["value_min"]), value_max=float(data["value_max"]),
+        )
+
+    @classmethod
+    def from_volume(cls, volume) -> "VolumeMeta":
+        info = volume.info
+        return cls(name=info.name, variable=volume.variable, timestep=int(volume.timestep),
+                   dims=tuple(int(n) for n in info.dims), spacing=tuple(float(s) for s in info.spacing),
+                   dtype=info.dtype, value_min=float(volume.value_min), value_max=float(volume.value_max))
+
+
+@dataclass
+class ExportSource:
+    """A field to export with its volume metadata; `volume` (raw voxels) and `model` only when read from a run."""
+
+    field: Any  # VolumeField
+    meta: VolumeMeta
+    origin: str  # "gridinr-fit run PATH", "gridinr-edit run PATH" or "model file PATH"
+    volume: Optional[Any] = None  # data.volume_io.Volume
+    model: Optional[Any] = None  # stages.base_model.StageModel
+
+    def check_timestep(self, timestep: Optional[int]) -> None:
+        """Fields are fitted to one time step: only that one can be exported."""
+        if timestep is not None and timestep != self.meta.timestep:
+            raise ExportError(f"{self.origin}: the field was fitted to time step {self.meta.timestep} only, "
+                              f"got --timestep {timestep} (time-varying fields are not supported yet)")
+
+
+def from_run(config_path: Path) -> ExportSource:
+    """The field, volume and model of a gridinr run folder (config.yml read without running code)."""
+    from gridinr_nerfstudio.runs import RunConfigError, load_run_pipeline
+    from gridinr_nerfstudio.stages.base_model import StageModel
+
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise ExportError(f"{config_path}: no such config file (give a run's config.yml)")
+    try:
+        config, pipeline, _, _ = load_run_pipeline(config_path, test_mode="inference")
+    except (RunConfigError, FileNotFoundError, ValueError) as error:
+        raise ExportError(" ".join(str(error).split())) from None
+    model = pipeline.model
+    if not isinstance(model, StageModel):
+        raise ExportError(f"{config_path}: not a gridinr run (model {type(model).__name__})")
+    model.field.eval()
+    return ExportSource(field=model.field, meta=VolumeMeta.from_volume(model.volume),
+                        origin=f"{config.method_name} run {config_path}", volume=model.volume, model=model)
