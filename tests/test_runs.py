@@ -57,7 +57,8 @@ def test_in_training_evaluations_reach_tensorboard_without_lpips_weights(tmp_pat
 # 2. Checkpoints: atomic saves, readers take the newest that loads.
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save, calls = torch.save, []
+    real_save, calls, at_kill = torch.save, [], []
+    folder = tmp_path / "builtin-default" / "gridinr-fit" / "tiny" / "nerfstudio_models"
 
     def killed_mid_save(obj, target, *args, **kwargs):
         calls.append(target)
@@ -66,6 +67,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
                 Path(target).write_bytes(b"PK\x03\x04" + b"\0" * 3423)
             else:
                 target.write(b"PK\x03\x04" + b"\0" * 3423)
+                target.flush()
+            at_kill.extend(sorted(path.name for path in folder.iterdir()))  # what ns-eval would list now
             raise Killed()
         return real_save(obj, target, *args, **kwargs)
 
@@ -73,10 +76,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
     with pytest.raises(Killed):
         train_tiny_fit(tmp_path, iterations=6, configure=lambda config: setattr(config, "steps_per_save", 2))
     monkeypatch.setattr(torch, "save", real_save)
-    folder = tmp_path / "builtin-default" / "gridinr-fit" / "tiny" / "nerfstudio_models"
     assert [path.name for path in folder.iterdir()] == ["step-000000002.ckpt"]  # nothing partial, step 2 kept
-    written = Path(getattr(calls[1], "name", calls[1]))  # where the killed save wrote: never among the checkpoints,
-    assert written.parent != folder  # whose every file nerfstudio's ns-eval/ns-viewer take for one
+    assert at_kill == ["step-000000002.ckpt"]  # the partial bytes were never among the checkpoints either
     assert torch.load(folder / "step-000000002.ckpt", weights_only=True)["step"] == 2
 
 
@@ -125,15 +126,14 @@ def test_readers_take_the_newest_checkpoint_that_loads(tiny_fit_run, tmp_path):
 
 # 3. Resume continues the same run to the same end with the same schedule.
 
-def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    iterations, kill_at = 12, 6
+def kill_and_resume(train, tmp_path: Path, monkeypatch, iterations: int, kill_at: int, save_every: int):
+    """(config.yml of a run trained to `iterations`, of the same run killed at step `kill_at` and resumed)."""
 
-    def save_every_4(config):
-        config.steps_per_save = 4
+    def plain(config):
+        config.steps_per_save = save_every
         config.steps_per_eval_all_images = config.steps_per_eval_image = config.steps_per_eval_batch = 10**6
 
-    whole = train_tiny_fit(tmp_path / "whole", iterations=iterations, configure=save_every_4)
-
+    whole = train(tmp_path / "whole", iterations, plain)
     train_iteration = Trainer.train_iteration
 
     def dies_at_kill_step(self, step):
@@ -143,27 +143,49 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypa
 
     monkeypatch.setattr(Trainer, "train_iteration", dies_at_kill_step)
     with pytest.raises(Killed):
-        train_tiny_fit(tmp_path / "killed", iterations=iterations, configure=save_every_4)
+        train(tmp_path / "killed", iterations, plain)
     monkeypatch.setattr(Trainer, "train_iteration", train_iteration)
-    killed_models = tmp_path / "killed" / "builtin-default" / "gridinr-fit" / "tiny" / "nerfstudio_models"
-    assert [path.name for path in killed_models.iterdir()] == ["step-000000004.ckpt"]
+    (killed_models,) = (tmp_path / "killed").rglob("nerfstudio_models")
+    saved = kill_at - 1 - (kill_at - 1) % save_every
+    assert [path.name for path in killed_models.iterdir()] == [f"step-{saved:09d}.ckpt"]
 
     def resume(config):  # the same command plus --load-dir, as a user would type it
-        save_every_4(config)
+        plain(config)
         config.load_dir = killed_models
 
-    resumed = train_tiny_fit(tmp_path / "resumed", iterations=iterations, configure=resume)
+    return whole, train(tmp_path / "resumed", iterations, resume)
+
+
+def assert_same_run(whole: Path, resumed: Path, iterations: int) -> None:
     (whole_ckpt,), (resumed_ckpt,) = checkpoints(whole), checkpoints(resumed)
-    assert resumed_ckpt.name == whole_ckpt.name == f"step-{iterations - 1:09d}.ckpt"  # same end, not 12 more steps
+    assert resumed_ckpt.name == whole_ckpt.name == f"step-{iterations - 1:09d}.ckpt"  # same end, not N more steps
     whole_state, resumed_state = (torch.load(path, weights_only=True) for path in (whole_ckpt, resumed_ckpt))
     for key, value in whole_state["pipeline"].items():
         assert torch.allclose(value.float(), resumed_state["pipeline"][key].float(), atol=1e-6), key
     for group, scheduler in whole_state["schedulers"].items():  # same learning-rate schedule, same point on it
         assert resumed_state["schedulers"][group]["_last_lr"] == pytest.approx(scheduler["_last_lr"], rel=1e-9)
         assert resumed_state["schedulers"][group]["last_epoch"] == scheduler["last_epoch"]
+
+
+def test_a_killed_and_resumed_fit_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    def train(output, iterations, configure):
+        return train_tiny_fit(output, iterations=iterations, configure=configure)
+
+    whole, resumed = kill_and_resume(train, tmp_path, monkeypatch, iterations=12, kill_at=6, save_every=4)
+    assert_same_run(whole, resumed, 12)
     psnr_whole = load_run_pipeline(whole)[1].model.volume_psnr()
     psnr_resumed = load_run_pipeline(resumed)[1].model.volume_psnr()
     assert psnr_resumed == pytest.approx(psnr_whole, abs=1e-4)
+
+
+def test_a_killed_and_resumed_edit_equals_an_uninterrupted_one(tiny_fit_run, tmp_path, monkeypatch):
+    """Stage 2 draws views from its own generator and jitters samples with torch's: both resume where they were."""
+
+    def train(output, iterations, configure):
+        return train_tiny_edit(output, tiny_fit_run, iterations=iterations, configure=configure)
+
+    whole, resumed = kill_and_resume(train, tmp_path, monkeypatch, iterations=6, kill_at=4, save_every=2)
+    assert_same_run(whole, resumed, 6)
 
 
 # 4. Run files never execute code.

@@ -11,6 +11,24 @@ from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT
 from gridinr_nerfstudio.gridinr_config import edit_trainer_config, fit_trainer_config
 
 
+def run_ns_train(config) -> None:
+    """nerfstudio's ns-train main, then its event writers closed and forgotten.
+
+    nerfstudio keeps writers in a module-level list that each run appends to: in one test process every later
+    run would also write to every earlier run's tensorboard file (and fail once a test moved that folder).
+    """
+    from nerfstudio.utils import writer
+
+    try:
+        ns_train_main(config)
+    finally:
+        for event_writer in writer.EVENT_WRITERS:
+            if hasattr(event_writer, "tb_writer"):
+                event_writer.tb_writer.close()
+        writer.EVENT_WRITERS.clear()
+        writer.EVENT_STORAGE.clear()
+
+
 def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None:
     """Few small views and short rays: references render in a blink."""
     dataparser.num_train_views = 4
@@ -49,7 +67,7 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
         field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
     if configure is not None:
         configure(config)
-    ns_train_main(config)
+    run_ns_train(config)
     return config.get_base_dir() / "config.yml"
 
 
@@ -71,5 +89,5 @@ def train_tiny_edit(output_dir: Path, stage1_config: Path, iterations: int = 10,
         model.clip_model = clip_model
     if configure is not None:
         configure(config)
-    ns_train_main(config)
+    run_ns_train(config)
     return config.get_base_dir() / "config.yml"
