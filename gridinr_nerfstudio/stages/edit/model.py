@@ -78,7 +78,9 @@ class EditModel(StageModel):
         self.field.requires_grad_(False).eval()
         baseline = self.render_settings.transfer_function(voxel_size_world(self.volume))
         max_sigma = float(baseline(torch.linspace(0, 1, 1024))[1].max().clamp(min=1.0))
-        self.transfer_mlp = TransferMLP(self.config.hidden_dim, self.config.num_layers, sigma_scale=max_sigma)
+        with torch.random.fork_rng(devices=[]):  # the warm start must not depend on what drew random numbers before
+            torch.manual_seed(0)
+            self.transfer_mlp = TransferMLP(self.config.hidden_dim, self.config.num_layers, sigma_scale=max_sigma)
         if self.config.warm_start:
             error = fit_to_transfer_function(self.transfer_mlp, baseline)
             CONSOLE.print(f"Transfer MLP warm-started from the baseline transfer function (error {error:.2e})")
