@@ -35,6 +35,13 @@ class GridINRTrainerConfig(TrainerConfig):
             self.experiment_name = (data.parent if data.is_file() else data).stem or "volume"
         super().set_experiment_name()
 
+    def set_timestamp(self) -> None:
+        """ns-train's first call: bad inputs end here in one line, before the config dump and the run folder."""
+        from gridinr_nerfstudio.stages.validation import exit_on_bad_inputs
+
+        exit_on_bad_inputs(self)
+        super().set_timestamp()
+
     def save_config(self) -> None:
         """Called by ns-train just before training: fill in what follows from the final CLI values."""
         if hasattr(self.pipeline, "run_dir"):

@@ -211,6 +211,22 @@ def open_volume(
     return _open(path, variable, timestep, nan_policy, replace_value, known_range=None)
 
 
+def check_trainable(volume: Volume) -> None:
+    """Raise VolumeError (one line) when a volume opens but cannot be fitted or rendered.
+
+    One rule for `gridinr-data info` and `ns-train`: a one-voxel axis makes a flat scene box that orbit views
+    see edge-on (nothing to render), and a constant volume normalises to zero everywhere (blank references).
+    """
+    where = volume.source_file or volume.info.path
+    if min(volume.info.dims) < 2:
+        x, y, z = volume.info.dims
+        raise VolumeError(f"{where}: needs at least 2 voxels along each axis to render, got {x} x {y} x {z} "
+                          "(X x Y x Z); stack a slice twice to view a 2-D image as a thin volume")
+    if not volume.value_max > volume.value_min:
+        raise VolumeError(f"{where}: variable {volume.variable!r} t={volume.timestep} is constant "
+                          f"(every voxel is {volume.value_min:.7g}): its renderings are blank, nothing to fit")
+
+
 def write_dataset(
     out_dir: str | Path,
     name: str,
