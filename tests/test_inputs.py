@@ -167,3 +167,21 @@ def test_load_clip_gives_one_line_for_bad_weights(tmp_path: Path) -> None:
     with pytest.raises(ClipWeightsError, match="not a readable weights file") as error:
         load_clip(model_name, random_bytes)
     assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_eval_never_writes_nan(tmp_path: Path, tiny_fit_run: Path, monkeypatch) -> None:
+    """Blank or identical images give PSNR inf and its spread NaN: left out of the metrics (JSON and CSV), said once."""
+    from nerfstudio.pipelines.base_pipeline import VanillaPipeline
+
+    from gridinr_nerfstudio.runs import load_run_pipeline
+
+    _, pipeline, _, _ = load_run_pipeline(tiny_fit_run, test_mode="test")
+    pipeline.config.run_dir = tmp_path / "run"
+    monkeypatch.setattr(VanillaPipeline, "get_average_eval_image_metrics", lambda self, **kwargs: {
+        "psnr": float("inf"), "psnr_std": float("nan"), "ssim": 1.0, "ssim_std": 0.0,
+        "fps": 10.0, "num_rays_per_sec": 1000.0})
+    metrics = pipeline.get_average_eval_image_metrics(step=7)
+    json.dumps(metrics, allow_nan=False)  # what ns-eval writes: valid JSON
+    assert "psnr" not in metrics and "psnr_std" not in metrics and metrics["ssim"] == 1.0
+    csv_text = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "nan" not in csv_text and "inf" not in csv_text.replace("lpips_unavailable", "")

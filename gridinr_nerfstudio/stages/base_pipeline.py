@@ -9,8 +9,10 @@ from typing import Optional, Type
 
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
 
 from gridinr_nerfstudio.eval.eval_log import append_metrics_row
+from gridinr_nerfstudio.eval.metrics import drop_nonfinite
 
 
 @dataclass
@@ -53,6 +55,10 @@ class StagePipeline(VanillaPipeline):
             metrics["lpips_unavailable"] = model.image_metrics.lpips_unavailable_reason
         metrics.update(self.extra_eval_metrics())
         metrics["eval_seconds"] = time.perf_counter() - started
+        metrics, dropped = drop_nonfinite(metrics)
+        if dropped:
+            CONSOLE.print(f"[bold yellow]Warning: {', '.join(dropped)} not finite (renders identical to their "
+                          "references, or blank): left out of the metrics")
         if self.config.run_dir is not None:
             append_metrics_row(
                 Path(self.config.run_dir) / "metrics.csv",
