@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Type
 
 import torch
-from nerfstudio.configs.base_config import MachineConfig
+from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig, OptimizerConfig
 from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
@@ -64,6 +64,12 @@ class HashGridAdamOptimizerConfig(OptimizerConfig):
 def default_machine() -> MachineConfig:
     """CUDA when present, else the CPU (nerfstudio's own default assumes CUDA)."""
     return MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def loopback_viewer() -> ViewerConfig:
+    """The viewer on 127.0.0.1 (nerfstudio's default 0.0.0.0 lets anyone who reaches the port drive a run);
+    `--viewer.websocket-host 0.0.0.0` opts in to the network (README, "Viewer")."""
+    return ViewerConfig(websocket_host="127.0.0.1")
 
 
 @dataclass
@@ -119,6 +125,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
         save_only_latest_checkpoint=True,
         mixed_precision=False,
         machine=default_machine(),
+        viewer=loopback_viewer(),
         pipeline=FitPipelineConfig(
             datamanager=FitDataManagerConfig(max_iterations=FIT_ITERATIONS),
         ),
@@ -154,6 +161,7 @@ def edit_trainer_config() -> GridINRTrainerConfig:
         save_only_latest_checkpoint=True,
         mixed_precision=False,
         machine=default_machine(),
+        viewer=loopback_viewer(),
         pipeline=EditPipelineConfig(),
         optimizers={
             "transfer_mlp": {
