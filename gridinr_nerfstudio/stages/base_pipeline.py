@@ -37,6 +37,14 @@ class StagePipeline(VanillaPipeline):
         super().load_pipeline(loaded_state, step)
         self.loaded_step = step
 
+    def get_training_callbacks(self, training_callback_attributes):
+        """Training only (never ns-eval): the per-step training log run_dir/train_log.csv (eval/train_log.py)."""
+        if self.config.run_dir is not None:
+            from gridinr_nerfstudio.eval.train_log import install_train_log
+
+            install_train_log(Path(self.config.run_dir) / "train_log.csv")
+        return super().get_training_callbacks(training_callback_attributes)
+
     def extra_eval_metrics(self) -> dict:
         """Stage-specific metrics added to every full evaluation."""
         return {}
