@@ -90,7 +90,9 @@ def test_report_draws_curves_and_error_bars_in_a_few_panels(tiny_edit_run: Path,
     curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in losses.get_lines()}
     assert set(curves) == {"train loss", "clip_loss", "pixel_loss"}
     assert all(steps == [0, 10, 20] for steps, _ in curves.values())  # curves per step, not one dot
-    assert [line.get_label() for line in panels["PSNR (dB) over steps"].get_lines()] == ["psnr"]
+    psnr_panel = panels["PSNR (dB) over steps"]
+    assert [line.get_label() for line in psnr_panel.get_lines() if not line.get_label().startswith("_")] == ["psnr"]
+    assert [container.get_label() for container in psnr_panel.containers] == ["eval psnr"]  # with its spread
     assert "CLIP over steps" in panels or "clip_loss" in curves
     with (tiny_edit_run / "metrics.csv").open(newline="") as file:
         row = list(csv.DictReader(file))[-1]

@@ -128,6 +128,9 @@ def plot_metrics(metric_names: list[str], rows: list[dict[str, str]], out_path: 
             for name in names:
                 steps, values = train_log[name]
                 axis.plot(steps, values, marker="." if len(steps) < 50 else None, label=_short(name))
+            if title.startswith("PSNR"):
+                _eval_points(axis, [name for name in metric_names if "psnr" in name and not name.endswith("_std")],
+                             rows)
             axis.set_xlabel("step")
             if title.startswith("training loss") and all(v > 0 for n in names for v in train_log[n][1]):
                 axis.set_yscale("log")
@@ -141,6 +144,16 @@ def plot_metrics(metric_names: list[str], rows: list[dict[str, str]], out_path: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_path, dpi=100)
     return out_path
+
+
+def _eval_points(axis, metrics: list[str], rows: list[dict[str, str]]) -> None:
+    """Evaluations over steps as markers with their spread, next to the training curves."""
+    for metric in metrics:
+        spreads = _series(rows, f"{metric}_std")
+        for group, (steps, values) in _series(rows, metric).items():
+            spread = dict(zip(*spreads.get(group, ([], []))))
+            axis.errorbar(steps, values, yerr=[spread.get(step, 0.0) for step in steps], fmt="s", capsize=4,
+                          label=f"eval {metric}" + (f" ({group[0]})" if len(spreads) > 1 else ""))
 
 
 def _eval_bars(axis, metrics: list[str], rows: list[dict[str, str]]) -> None:
