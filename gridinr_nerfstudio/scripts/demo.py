@@ -54,7 +54,7 @@ def run(command: list[str], log: Path, progress: Optional[Callable[[], Optional[
 
 class Status:
     """One progress line: rewritten in place on a terminal; on a pipe (CI logs) a new line when it changes,
-    at most every `print_every` seconds."""
+    at most every `print_every` seconds (and every 6 x `print_every` seconds when it does not)."""
 
     def __init__(self, stream, print_every: float = 10.0):
         self.stream = stream
@@ -69,7 +69,7 @@ class Status:
             self.stream.write("\r" + text.ljust(self.width))
             self.width = len(text)
             self.stream.flush()
-        elif detail != self.last_text and time.monotonic() - self.last_time >= self.print_every:
+        elif time.monotonic() - self.last_time >= (self.print_every if detail != self.last_text else 6 * self.print_every):
             print(text, file=self.stream, flush=True)
             self.last_text, self.last_time = detail, time.monotonic()
 
