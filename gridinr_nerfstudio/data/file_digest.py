@@ -16,10 +16,10 @@ def stat_key(path: Path) -> tuple:
 
 
 def file_digest(path: Path) -> str:
-    """blake2b (128 bits) of a file's bytes, read in chunks; cached per process by file version (ctime included,
-    which a restored mtime does not restore)."""
+    """SHA-256 of a file's bytes, read in chunks; cached per process by file version (ctime included, which a
+    restored mtime does not restore). SHA-256 over blake2b: about twice as fast here (CPU SHA extensions)."""
     key = stat_key(path)
     if key not in _DIGESTS:
         with open(path, "rb") as file:
-            _DIGESTS[key] = hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            _DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
     return _DIGESTS[key]

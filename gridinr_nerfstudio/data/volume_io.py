@@ -118,7 +118,7 @@ class Volume:
     def fingerprint(self) -> str:
         """Stable hash of what determines the normalised voxels (file content, selection), for caches on disk.
 
-        Keyed on the bytes (blake2b, once per process per file version), not path/size/mtime: a file rewritten
+        Keyed on the bytes (SHA-256, once per process per file version), not path/size/mtime: a file rewritten
         with its mtime restored, or copied elsewhere, gets the key its content deserves.
         """
         origin = (file_digest(self.source_file),) if self.source_file is not None else self._origin()
