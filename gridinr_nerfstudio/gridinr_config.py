@@ -68,7 +68,7 @@ def default_machine() -> MachineConfig:
 
 def loopback_viewer() -> ViewerConfig:
     """The viewer on 127.0.0.1 (nerfstudio's default 0.0.0.0 lets anyone who reaches the port drive a run);
-    `--viewer.websocket-host 0.0.0.0` opts in to the network (README, "Viewer")."""
+    `--viewer.websocket-host 0.0.0.0` opts in to the network (README, "Viewer access")."""
     return ViewerConfig(websocket_host="127.0.0.1")
 
 
