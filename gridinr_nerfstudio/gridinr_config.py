@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Type
 
 import torch
-from nerfstudio.configs.base_config import MachineConfig
+from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig, OptimizerConfig
 from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
@@ -41,6 +41,13 @@ class GridINRTrainerConfig(TrainerConfig):
             data = self.pipeline.datamanager.dataparser.data
             self.experiment_name = (data.parent if data.is_file() else data).stem or "volume"
         super().set_experiment_name()
+
+    def set_timestamp(self) -> None:
+        """ns-train's first call: bad inputs end here in one line, before the config dump and the run folder."""
+        from gridinr_nerfstudio.stages.validation import exit_on_bad_inputs
+
+        exit_on_bad_inputs(self)
+        super().set_timestamp()
 
     def save_config(self) -> None:
         """Called by ns-train just before training: fill in what follows from the final CLI values."""
@@ -84,6 +91,12 @@ class HashGridAdamOptimizerConfig(OptimizerConfig):
 def default_machine() -> MachineConfig:
     """CUDA when present, else the CPU (nerfstudio's own default assumes CUDA)."""
     return MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def loopback_viewer() -> ViewerConfig:
+    """The viewer on 127.0.0.1 (nerfstudio's default 0.0.0.0 lets anyone who reaches the port drive a run);
+    `--viewer.websocket-host 0.0.0.0` opts in to the network (README, "Viewer access")."""
+    return ViewerConfig(websocket_host="127.0.0.1")
 
 
 @dataclass
@@ -139,6 +152,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
         save_only_latest_checkpoint=True,
         mixed_precision=False,
         machine=default_machine(),
+        viewer=loopback_viewer(),
         pipeline=FitPipelineConfig(
             datamanager=FitDataManagerConfig(max_iterations=FIT_ITERATIONS),
         ),
@@ -174,6 +188,7 @@ def edit_trainer_config() -> GridINRTrainerConfig:
         save_only_latest_checkpoint=True,
         mixed_precision=False,
         machine=default_machine(),
+        viewer=loopback_viewer(),
         pipeline=EditPipelineConfig(),
         optimizers={
             "transfer_mlp": {

@@ -48,3 +48,13 @@ def test_ns_train_help_lists_our_method():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage1" not in result.stdout  # fit has no stage-1 option; edit does
     assert "subsample-factor" in result.stdout
+
+
+def test_method_viewers_listen_on_loopback():
+    """ns-train's viewer binds 127.0.0.1 unless the user opts in with --viewer.websocket-host 0.0.0.0."""
+    from nerfstudio.configs.base_config import ViewerConfig
+
+    methods, _ = discover_methods()
+    assert ViewerConfig().websocket_host == "0.0.0.0"  # nerfstudio's default, which ours must override
+    for name in ("gridinr-fit", "gridinr-edit"):
+        assert methods[name].viewer.websocket_host == "127.0.0.1"

@@ -65,6 +65,35 @@ def test_unsupported_output_type_is_a_one_line_error(tmp_path, capsys):
     assert len(error.splitlines()) == 1 and "out.xyz" in error and "unsupported output type" in error
 
 
+@pytest.mark.parametrize("output", ["a_file/x.gif", "a_file/deeper/frames", "a_file", "a_folder.gif"])
+def test_unwritable_output_fails_before_loading_the_run(tmp_path, capsys, monkeypatch, output):
+    """The output is checked first: no run loaded, no frame rendered, one line, nothing created."""
+    import gridinr_nerfstudio.scripts.render as render_cli
+
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_folder.gif").mkdir()
+    config = tmp_path / "config.yml"
+    config.write_text("never read\n")
+    monkeypatch.setattr(render_cli, "load_model", lambda path: pytest.fail("the run was loaded before the check"))
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["orbit", "--load-config", str(config), "--output", str(tmp_path / output)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(tmp_path / output) in error
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_folder_fails_before_loading_the_run(tmp_path, capsys, monkeypatch):
+    import gridinr_nerfstudio.scripts.render as render_cli
+
+    (tmp_path / "locked").mkdir(mode=0o555)
+    config = tmp_path / "config.yml"
+    config.write_text("never read\n")
+    monkeypatch.setattr(render_cli, "load_model", lambda path: pytest.fail("the run was loaded before the check"))
+    assert main(["orbit", "--load-config", str(config), "--output", str(tmp_path / "locked" / "x.gif")]) == 1
+    assert "permission denied" in capsys.readouterr().err
+
+
 def test_orbit_png_frames_are_the_hand_built_cameras(tiny_fit_run, model, tmp_path):
     frames_dir = tmp_path / "frames"
     argv = ["orbit", "--load-config", str(tiny_fit_run), "--output", str(frames_dir), "--frames", "4",

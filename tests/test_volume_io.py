@@ -242,7 +242,7 @@ def test_pickle_reopens_instead_of_copying_voxels(tmp_path):
     np.testing.assert_array_equal(copy.sample_normalized(points), volume.sample_normalized(points))
 
 
-def test_fingerprint_is_stable_and_tracks_selection_and_file(tiny_dataset):
+def test_fingerprint_is_stable_and_tracks_selection_and_content(tiny_dataset):
     first = open_volume(tiny_dataset, "coded", 1)
     assert first.fingerprint() == open_volume(tiny_dataset, "coded", 1).fingerprint()
     assert first.fingerprint() != open_volume(tiny_dataset, "coded", 2).fingerprint()
@@ -250,6 +250,11 @@ def test_fingerprint_is_stable_and_tracks_selection_and_file(tiny_dataset):
     before = first.fingerprint()
     stat = first.source_file.stat()
     os.utime(first.source_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert first.fingerprint() == before  # touched, same bytes
+    data = bytearray(first.source_file.read_bytes())
+    data[0] ^= 1
+    first.source_file.write_bytes(bytes(data))
+    os.utime(first.source_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # other bytes, mtime restored
     assert first.fingerprint() != before
 
 

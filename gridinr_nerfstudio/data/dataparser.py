@@ -2,7 +2,7 @@
 
 The "images" nerfstudio trains and evaluates against are renderings of the raw voxels (trilinear sampling)
 with the default transfer function. They are written as PNG files, so nerfstudio's datasets, `ns-eval` and
-the viewer load them as usual, and cached by volume fingerprint + render settings + cameras.
+the viewer load them as usual, and cached by volume content (a digest of the file) + render settings + cameras.
 
 Import only nerfstudio's dataparser and camera modules here: this module is reached from the dataparser
 entry point while nerfstudio builds its registries (importing datamanagers/pipelines would be circular).
@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Type
@@ -136,15 +138,18 @@ class VolumeDataParser(DataParser):
 
 
 def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSettings, folder: Path) -> list[Path]:
-    """PNG renderings of the raw voxels for each camera; reused when the same volume/settings/cameras were rendered."""
-    filenames = [folder / f"view_{index:03d}.png" for index in range(len(cameras))]
-    done_marker = folder / "complete.json"
-    if done_marker.exists() and all(path.exists() for path in filenames):
-        return filenames
+    """PNG renderings of the raw voxels for each camera; reused when the same volume/settings/cameras were rendered.
+
+    A cache entry appears whole or not at all: views render into a private temporary folder that is renamed into
+    place once complete. A concurrent run that finishes first wins; the other uses its folder.
+    """
+    names = [f"view_{index:03d}.png" for index in range(len(cameras))]
+    if _complete(folder, names):
+        return [folder / name for name in names]
     from gridinr_nerfstudio.fields.dense_grid import DenseGridField
     from gridinr_nerfstudio.rendering.images import render_camera, to_uint8
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     CONSOLE.print(f"Rendering {len(cameras)} reference views of {volume.info.name} into {folder}")
     grid = DenseGridField.from_volume(volume)
     transfer_function = settings.transfer_function(voxel_size_world(volume))
@@ -153,15 +158,38 @@ def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSetti
     def sample_fn(points: torch.Tensor):
         return transfer_function(grid(points))
 
-    with torch.no_grad():
-        for index, path in enumerate(filenames):
-            out = render_camera(
-                cameras, index, sample_fn, scene_aabb(volume), num_samples=settings.num_samples, background=background
-            )
-            image = to_uint8(out["rgb"].numpy())
-            iio.imwrite(path, image)
-    done_marker.write_text(json.dumps({"volume": volume.info.name, "views": len(filenames)}))
-    return filenames
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with torch.no_grad():
+            for index, name in enumerate(names):
+                out = render_camera(
+                    cameras, index, sample_fn, scene_aabb(volume), num_samples=settings.num_samples,
+                    background=background,
+                )
+                image = to_uint8(out["rgb"].numpy())
+                iio.imwrite(temporary / name, image, extension=".png")
+        (temporary / "complete.json").write_text(json.dumps({"volume": volume.info.name, "views": len(names)}))
+        _move_into_place(temporary, folder, names)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return [folder / name for name in names]
+
+
+def _complete(folder: Path, names: list[str]) -> bool:
+    return (folder / "complete.json").is_file() and all((folder / name).is_file() for name in names)
+
+
+def _move_into_place(temporary: Path, folder: Path, names: list[str]) -> None:
+    """Rename a finished entry into place; an incomplete leftover (a run killed under the old layout) is replaced."""
+    for _ in range(3):
+        try:
+            os.rename(temporary, folder)
+            return
+        except OSError:
+            if _complete(folder, names):
+                return  # another run finished the same entry first: same content, use it
+            shutil.rmtree(folder, ignore_errors=True)
+    os.rename(temporary, folder)
 
 
 gridinr_volume_dataparser = DataParserSpecification(

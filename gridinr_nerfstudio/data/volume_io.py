@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
+from gridinr_nerfstudio.data.file_digest import file_digest, stat_key
 if TYPE_CHECKING:
     import torch
 
@@ -34,10 +35,8 @@ _SCIVIS_NAME = re.compile(r"^(?P<name>.+)_(?P<x>\d+)x(?P<y>\d+)x(?P<z>\d+)_(?P<d
 _REQUIRED_KEYS = ("name", "dims", "vars", "total_samples")
 _FORMATS_HELP = "a dataset folder or its dataset.json, name_XxYxZ_dtype.raw, .npy, .nrrd/.nhdr or .nii/.nii.gz"
 
-# Value ranges by Volume.fingerprint(): a chunked pass over a big volume is paid once per process.
+# Value ranges by file version and selection: a chunked pass over a big volume is paid once per process.
 _RANGE_CACHE: dict[str, tuple[float, float]] = {}
-
-
 class VolumeError(ValueError):
     """Bad volume input; the message is one line naming the file and the problem."""
 
@@ -119,15 +118,24 @@ class Volume:
         return np.clip(self._to_unit(self._original_values(self.data[z0:z1])), 0.0, 1.0).astype(np.float32)
 
     def fingerprint(self) -> str:
-        """Cheap stable hash of what determines the normalised voxels (file identity, selection), for caches."""
-        if self.source_file is not None:
-            stat = self.source_file.stat()
-            origin: tuple = (str(self.source_file.resolve()), stat.st_size, stat.st_mtime_ns)
-        else:
-            origin = (self.info.format, self.info.name, self.info.description)
+        """Stable hash of what determines the normalised voxels (file content, selection), for caches on disk.
+
+        Keyed on the bytes (SHA-256, once per process per file version), not path/size/mtime: a file rewritten
+        with its mtime restored, or copied elsewhere, gets the key its content deserves.
+        """
+        origin = (file_digest(self.source_file),) if self.source_file is not None else self._origin()
+        return self._key(origin)
+
+    def _origin(self) -> tuple:
+        """Cheap identity of the source within one process (the file's stat, ctime included), for in-memory caches."""
+        if self.source_file is None:
+            return (self.info.format, self.info.name, self.info.description)
+        return stat_key(self.source_file)
+
+    def _key(self, origin: tuple) -> str:
         replacement = self.replace_value if self.nan_policy == "replace" else None
         key = (*origin, self.variable, self.timestep, self.info.dims, self.info.dtype, self.info.spacing,
-               self.nan_policy, replacement)
+               self.nan_policy, replacement, self.value_scale, self.value_offset)
         return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
     def _original_values(self, raw: np.ndarray) -> np.ndarray:
@@ -214,6 +222,22 @@ def open_volume(
     return _open(path, variable, timestep, nan_policy, replace_value, known_range=None)
 
 
+def check_trainable(volume: Volume) -> None:
+    """Raise VolumeError (one line) when a volume opens but cannot be fitted or rendered.
+
+    One rule for `gridinr-data info` and `ns-train`: a one-voxel axis makes a flat scene box that orbit views
+    see edge-on (nothing to render), and a constant volume normalises to zero everywhere (blank references).
+    """
+    where = volume.source_file or volume.info.path
+    if min(volume.info.dims) < 2:
+        x, y, z = volume.info.dims
+        raise VolumeError(f"{where}: needs at least 2 voxels along each axis to render, got {x} x {y} x {z} "
+                          "(X x Y x Z); stack a slice twice to view a 2-D image as a thin volume")
+    if not volume.value_max > volume.value_min:
+        raise VolumeError(f"{where}: variable {volume.variable!r} t={volume.timestep} is constant "
+                          f"(every voxel is {volume.value_min:.7g}): its renderings are blank, nothing to fit")
+
+
 def write_dataset(
     out_dir: str | Path,
     name: str,
@@ -264,7 +288,7 @@ def _open(
     volume = Volume(info, variable, timestep, data, np.nan, np.nan, source_file, nan_policy, float(replace_value),
                     scale, offset)
     if known_range is None:
-        key = volume.fingerprint()
+        key = volume._key(volume._origin())
         if key not in _RANGE_CACHE:
             _RANGE_CACHE[key] = _checked_range(volume)
         known_range = _RANGE_CACHE[key]

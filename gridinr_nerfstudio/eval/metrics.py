@@ -76,6 +76,22 @@ def load_lpips(net: str, backbone_path: Path) -> "lpips.LPIPS":
     return model.eval().requires_grad_(False)
 
 
+def drop_nonfinite(metrics: dict) -> tuple[dict, list[str]]:
+    """(metrics without NaN/inf numbers, names left out).
+
+    A non-finite value is no measurement (PSNR of two identical images is +inf, the spread of infinities NaN)
+    and not valid JSON (ns-eval would write `"psnr": NaN`); callers say which were left out.
+    """
+    kept, dropped = {}, []
+    for name, value in metrics.items():
+        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(number, (float, np.floating)) and not np.isfinite(number):
+            dropped.append(name)
+        else:
+            kept[name] = value
+    return kept, dropped
+
+
 class ImageMetrics:
     """PSNR, SSIM and LPIPS of one rendered image against its reference, both (H, W, 3) in [0, 1]."""
 

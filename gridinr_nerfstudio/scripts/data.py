@@ -1,6 +1,8 @@
 """`gridinr-data`: inspect a volume (`info PATH`) or write the built-in default volume (`default OUT_DIR`).
 
 Bad input ends with exit status 1 and one line on stderr naming the file and the problem, never a traceback.
+A volume that opens but cannot be trained (one voxel along an axis, constant values) is reported in full, then
+gets the same one-line error `ns-train` gives it, and exit status 1.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 from pathlib import Path
 
 from gridinr_nerfstudio.data.default_volume import DEFAULT_SIZE, write_default_dataset
-from gridinr_nerfstudio.data.volume_io import VolumeError, open_volume, read_info
+from gridinr_nerfstudio.data.volume_io import VolumeError, check_trainable, open_volume, read_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def info_lines(
-    path: Path, variable: str | None, timestep: int | None, nan_policy: str, replace_value: float
+    path: Path, variable: str | None, timestep: int | None, nan_policy: str, replace_value: float,
+    problems: list[str] | None = None,
 ) -> list[str]:
-    """The report of `gridinr-data info`, built whole before printing so a failure prints only its error."""
+    """The report of `gridinr-data info`, built whole before printing so a failure prints only its error.
+
+    Why a selection cannot be trained (check_trainable) is appended to `problems` when given."""
     info = read_info(path)
     x, y, z = info.dims
     lines = [
@@ -55,6 +60,11 @@ def info_lines(
         for step in timesteps:
             volume = open_volume(path, var, step, nan_policy=nan_policy, replace_value=replace_value)
             lines.append(f"  {var} t={step}: [{volume.value_min:.7g}, {volume.value_max:.7g}]")
+            try:
+                check_trainable(volume)
+            except VolumeError as error:
+                if problems is not None and str(error) not in problems:
+                    problems.append(str(error))
     return lines
 
 
@@ -62,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "info":
-            print("\n".join(info_lines(args.path, args.variable, args.timestep, args.nan_policy, args.replace_value)))
+            problems: list[str] = []
+            print("\n".join(info_lines(args.path, args.variable, args.timestep, args.nan_policy, args.replace_value,
+                                       problems)))
+            for problem in problems:
+                print(f"gridinr-data: error: {problem}", file=sys.stderr)
+            if problems:
+                return 1
         else:
             if args.size < 2:
                 raise VolumeError(f"{args.out_dir}: --size must be at least 2, got {args.size}")

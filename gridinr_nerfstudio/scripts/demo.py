@@ -18,24 +18,96 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
+from gridinr_nerfstudio.eval.train_log import ETA_NAME, read_train_log
 from gridinr_nerfstudio.gridinr_config import FIT_ITERATIONS
 from gridinr_nerfstudio.stages.edit.clip_loss import ClipWeightsUnavailable, resolve_clip_weights
 
 
-def run(command: list[str], log: Path) -> None:
-    """Run one CLI step, its output appended to `log`; stop the demo with the log's tail if it fails."""
+def run(command: list[str], log: Path, progress: Optional[Callable[[], Optional[str]]] = None,
+        every: float = 1.0, print_every: float = 10.0) -> None:
+    """Run one CLI step, its output appended to `log`, while the terminal shows its progress: elapsed time and,
+    for training, what `progress()` reads from the run's training log. Stops the demo with the log's tail if
+    the step fails."""
     print("$ " + " ".join(command), flush=True)
     started = time.perf_counter()
+    status = Status(sys.stdout, print_every)
     with log.open("a") as handle:
         handle.write("$ " + " ".join(command) + "\n")
         handle.flush()
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-    if result.returncode != 0:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                returncode = process.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                status.show(time.perf_counter() - started, progress() if progress is not None else None)
+    detail = progress() if progress is not None else None
+    status.done(f"  done in {time.perf_counter() - started:.0f} s" + (f"  ({detail})" if detail else ""))
+    if returncode != 0:
         print(log.read_text()[-3000:], file=sys.stderr)
-        raise SystemExit(f"demo: step failed (exit {result.returncode}): {' '.join(command)}; full log in {log}")
+        raise SystemExit(f"demo: step failed (exit {returncode}): {' '.join(command)}; full log in {log}")
+
+
+class Status:
+    """One progress line: rewritten in place on a terminal; on a pipe (CI logs) a new line when it changes,
+    at most every `print_every` seconds (and every 6 x `print_every` seconds when it does not)."""
+
+    def __init__(self, stream, print_every: float = 10.0):
+        self.stream = stream
+        self.print_every = print_every
+        self.tty = stream.isatty()
+        self.last_text: Optional[str] = ""
+        self.last_time, self.width = -1e9, 0
+
+    def show(self, elapsed: float, detail: Optional[str]) -> None:
+        text = f"  {elapsed:4.0f} s" + (f"  {detail}" if detail else "")
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+            self.stream.flush()
+        elif time.monotonic() - self.last_time >= (self.print_every if detail != self.last_text else 6 * self.print_every):
+            print(text, file=self.stream, flush=True)
+            self.last_text, self.last_time = detail, time.monotonic()
+
+    def done(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width) + "\n")
+            self.stream.flush()
+        else:
+            print(text, file=self.stream, flush=True)
+
+
+def training_progress(pattern: str, root: Path, total: int) -> Callable[[], Optional[str]]:
+    """Reads the newest `train_log.csv` matching `root/pattern`: step of total, ETA, loss and PSNR (or CLIP)."""
+
+    def describe() -> Optional[str]:
+        logs = sorted(root.glob(pattern))
+        if not logs:
+            return "starting (loading, rendering references)"
+        series = read_train_log(logs[-1])
+        if "Train Loss" not in series:
+            return "starting"
+        step = series["Train Loss"][0][-1]
+        parts = [f"step {step}/{total} ({100.0 * step / max(total, 1):.0f}%)"]
+        if ETA_NAME in series:
+            parts.append(f"ETA {series[ETA_NAME][1][-1]:.0f} s")
+        parts.append(f"loss {series['Train Loss'][1][-1]:.4g}")
+        for name, (_, values) in series.items():
+            if name.startswith(("Train Metrics Dict/", "Train Loss Dict/")) and ("psnr" in name or "clip" in name):
+                unit = " dB" if "psnr" in name else ""
+                parts.append(f"{name.rpartition('/')[2]} {values[-1]:.4g}{unit}")
+        return ", ".join(parts)
+
+    return describe
+
+
+def _number(results: dict, key: str, spec: str) -> str:
+    value = results.get(key)
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
 
 def tool(name: str) -> str:
@@ -71,14 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--vis", "tensorboard", "--output-dir", str(runs), "--viewer.quit-on-train-completion", "True"]
 
     run([tool("ns-train"), "gridinr-fit", *common, "--timestamp", "fit", "--max-num-iterations", str(args.fit_iterations),
-         "--pipeline.datamanager.dataparser.data", args.data], log)
+         "--pipeline.datamanager.dataparser.data", args.data], log,
+        training_progress("*/gridinr-fit/fit/train_log.csv", runs, args.fit_iterations))
     fit_config = next(runs.glob("*/gridinr-fit/fit/config.yml"))
     run([tool("ns-eval"), "--load-config", str(fit_config), "--output-path", str(out / "fit_eval.json")], log)
 
     use_clip = clip_available("ViT-B-16", "laion2b_s34b_b88k")
     edit_flags = ["--pipeline.model.prompt", args.prompt] if use_clip else ["--pipeline.model.lam-clip", "0"]
     run([tool("ns-train"), "gridinr-edit", *common, "--timestamp", "edit", "--max-num-iterations", str(args.edit_iterations),
-         "--pipeline.stage1-config", str(fit_config), "--pipeline.steps-per-render", "20", *edit_flags], log)
+         "--pipeline.stage1-config", str(fit_config), "--pipeline.steps-per-render", "20", *edit_flags], log,
+        training_progress("*/gridinr-edit/edit/train_log.csv", runs, args.edit_iterations))
     edit_config = next(runs.glob("*/gridinr-edit/edit/config.yml"))
     run([tool("ns-eval"), "--load-config", str(edit_config), "--output-path", str(out / "edit_eval.json")], log)
 
@@ -90,10 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"stage1": fit_results, "stage2": edit_results, "clip_term": use_clip,
                "fit_run": str(fit_config.parent), "edit_run": str(edit_config.parent)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nStage 1: volume PSNR {fit_results['volume_psnr']:.2f} dB, image PSNR {fit_results['psnr']:.2f} dB, "
-          f"SSIM {fit_results['ssim']:.4f}, {fit_results['ms_per_frame']:.0f} ms/frame")
-    print(f"Stage 2: PSNR {edit_results['psnr']:.2f} dB to the references, SSIM {edit_results['ssim']:.4f}, "
-          f"CLIP cosine {edit_results.get('clip_cosine')}")
+    rows = [("", "volume PSNR", "image PSNR", "SSIM", "LPIPS", "CLIP cosine", "ms/frame"),
+            ("stage 1 (fit)", _number(fit_results, "volume_psnr", ".2f"), _number(fit_results, "psnr", ".2f"),
+             _number(fit_results, "ssim", ".4f"), _number(fit_results, "lpips", ".4f"), "",
+             _number(fit_results, "ms_per_frame", ".0f")),
+            ("stage 2 (edit)", "", _number(edit_results, "psnr", ".2f"), _number(edit_results, "ssim", ".4f"),
+             _number(edit_results, "lpips", ".4f"), _number(edit_results, "clip_cosine", ".4f"),
+             _number(edit_results, "ms_per_frame", ".0f"))]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("(stage 2 PSNR/SSIM/LPIPS compare the edit with the unedited references: how far the look moved)")
     print(f"Look at: {out}/orbit.mp4, {edit_config.parent}/report/*.png, {edit_config.parent}/renders/, {out}/summary.json")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -151,12 +152,28 @@ def check_arguments(args: argparse.Namespace) -> None:
     suffix = args.output.suffix.lower()
     if suffix not in VIDEO_SUFFIXES + (".gif", ""):
         raise RenderError(f"{args.output}: unsupported output type {suffix!r} (use {' '.join(VIDEO_SUFFIXES)} .gif or a folder)")
+    check_output(args.output)
     if args.frames < 1 or args.image_size < 2 or args.fps <= 0 or args.radius <= 0 or not 0 < args.fov < 180:
         raise RenderError("--frames must be >= 1, --image-size >= 2, --fps and --radius > 0, --fov in (0, 180)")
     import matplotlib
 
     if args.depth_colormap not in matplotlib.colormaps:
         raise RenderError(f"--depth-colormap: unknown matplotlib colormap {args.depth_colormap!r}")
+
+
+def check_output(output: Path) -> None:
+    """Fail before rendering when the output cannot be written (nothing is created here)."""
+    if output.suffix and output.is_dir():
+        raise RenderError(f"{output}: is a folder (give a file name, or no suffix for a folder of PNG frames)")
+    if not output.suffix and output.exists() and not output.is_dir():
+        raise RenderError(f"{output}: exists and is not a folder (PNG frames go into a folder)")
+    existing = output if not output.suffix else output.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RenderError(f"{output}: cannot write there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK) or (output.is_file() and not os.access(output, os.W_OK)):
+        raise RenderError(f"{output}: cannot write there (permission denied)")
 
 
 def load_model(config_path: Path):

@@ -12,6 +12,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from gridinr_nerfstudio.eval.eval_log import append_metrics_row
+from gridinr_nerfstudio.eval.metrics import drop_nonfinite
 
 
 @dataclass
@@ -50,6 +51,14 @@ class StagePipeline(VanillaPipeline):
         super().load_pipeline(loaded_state, step)
         self.loaded_step = step
 
+    def get_training_callbacks(self, training_callback_attributes):
+        """Training only (never ns-eval): the per-step training log run_dir/train_log.csv (eval/train_log.py)."""
+        if self.config.run_dir is not None:
+            from gridinr_nerfstudio.eval.train_log import install_train_log
+
+            install_train_log(Path(self.config.run_dir) / "train_log.csv")
+        return super().get_training_callbacks(training_callback_attributes)
+
     def extra_eval_metrics(self) -> dict:
         """Stage-specific metrics added to every full evaluation."""
         return {}
@@ -68,6 +77,10 @@ class StagePipeline(VanillaPipeline):
         metrics.update(self.extra_eval_metrics())
         metrics = {key: value for key, value in metrics.items() if value is not None and not isinstance(value, str)}
         metrics["eval_seconds"] = time.perf_counter() - started
+        metrics, dropped = drop_nonfinite(metrics)
+        if dropped:
+            CONSOLE.print(f"[bold yellow]Warning: {', '.join(dropped)} not finite (renders identical to their "
+                          "references, or blank): left out of the metrics")
         if self.config.run_dir is not None:
             append_metrics_row(
                 Path(self.config.run_dir) / "metrics.csv",

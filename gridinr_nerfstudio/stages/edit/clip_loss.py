@@ -18,7 +18,10 @@ Two losses (``ClipLoss``):
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,46 @@ DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b88k"
 
 class ClipWeightsUnavailable(RuntimeError):
     """CLIP weights are not on this machine; the message says where we looked and how to provide them."""
+
+
+class ClipWeightsError(ValueError):
+    """A CLIP weights file exists but cannot be used: unreadable, or the weights of another model (one line)."""
+
+
+@contextmanager
+def clip_weights_errors(model_name: str, weights_path: Path):
+    """Turn what torch/open_clip raise on a bad weights file into one ClipWeightsError line naming the file.
+
+    torch's own message for a non-checkpoint suggests `weights_only=False` (running the file's code): never do that.
+    """
+    try:
+        yield
+    except (pickle.UnpicklingError, EOFError) as error:
+        raise ClipWeightsError(f"{weights_path}: not a readable weights file (truncated, or not a PyTorch/"
+                               f"safetensors state dict: {type(error).__name__})") from None
+    except (RuntimeError, AssertionError, KeyError, ValueError, StopIteration, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])
+        detail = " ".join(line.strip() for line in first[:2])[:240]
+        raise ClipWeightsError(f"{weights_path}: not weights of open_clip model {model_name} ({detail}); "
+                               "pass the matching --pipeline.model.clip-model") from None
+
+
+def check_clip_weights(model_name: str, pretrained: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The weights file load_clip would use, checked against the model without building it (meta tensors).
+
+    Raises ClipWeightsUnavailable, ClipWeightsError or ValueError (unknown model), each one line.
+    """
+    import open_clip
+
+    if open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"unknown open_clip model '{model_name}' (see open_clip.list_models())")
+    weights_path = resolve_clip_weights(model_name, pretrained, cache_dir)
+    with warnings.catch_warnings():  # copying into meta tensors is a (warned) no-op: only names and shapes count
+        warnings.simplefilter("ignore")
+        model = open_clip.create_model(model_name, pretrained=None, device="meta", pretrained_hf=False)
+        with clip_weights_errors(model_name, weights_path):
+            open_clip.load_checkpoint(model, str(weights_path), weights_only=True)
+    return weights_path
 
 
 @dataclass
@@ -192,14 +235,15 @@ def load_clip(
     tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
     norm_cfg = {key: tag_cfg[key] for key in ("mean", "std") if key in tag_cfg}
     device = torch.device(device)
-    model = open_clip.create_model(
-        model_name,
-        pretrained=str(weights_path),  # an absolute path: open_clip loads it and downloads nothing
-        device=device,
-        pretrained_hf=False,
-        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),  # open_clip only warns about a mismatch
-        force_preprocess_cfg=norm_cfg,
-    )
+    with clip_weights_errors(model_name, weights_path):
+        model = open_clip.create_model(
+            model_name,
+            pretrained=str(weights_path),  # an absolute path: open_clip loads it and downloads nothing
+            device=device,
+            pretrained_hf=False,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),  # open_clip only warns about a mismatch
+            force_preprocess_cfg=norm_cfg,
+        )
     model.eval().requires_grad_(False)
     preprocess = open_clip.get_model_preprocess_cfg(model)
     size = preprocess["size"]

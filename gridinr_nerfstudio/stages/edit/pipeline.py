@@ -19,6 +19,7 @@ from gridinr_nerfstudio.runs import load_run_config, read_newest_checkpoint, sav
 from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
 from gridinr_nerfstudio.stages.edit.clip_loss import (
     ClipLoss,
+    ClipWeightsError,
     ClipWeightsUnavailable,
     LoadedClip,
     clip_cosine,
@@ -115,7 +116,7 @@ class EditPipeline(StagePipeline):
         if model.config.lam_clip > 0 or not training:
             try:
                 self.clip = load_clip(model.config.clip_model, model.config.clip_weights or model.config.clip_pretrained, device=device)
-            except ClipWeightsUnavailable as error:
+            except (ClipWeightsUnavailable, ClipWeightsError) as error:
                 if training:
                     raise  # training with a CLIP term needs the weights: stop at once with the explanation
                 self.clip_unavailable_reason = str(error)

@@ -1,0 +1,187 @@
+"""Bad input through ns-train ends in one line and exit status 1, before the config dump and the run folder.
+
+The inputs are the ones `gridinr-data info` rejects, plus a volume with one voxel along an axis and a constant
+volume (info reports those with the same line), gridinr-edit's stage-1 config and CLIP weights, and degenerate
+options. Trained through nerfstudio's own `ns-train` main (one real subprocess checks the terminal output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nerfstudio.scripts.train import main as ns_train_main
+from tiny_models import TINY_CLIP_CONFIG, register_tiny_clip, save_tiny_clip_weights
+from tiny_runs import short_run, shrink_dataparser
+
+from gridinr_nerfstudio.gridinr_config import edit_trainer_config, fit_trainer_config
+from gridinr_nerfstudio.scripts import data as data_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_fit(tmp_path: Path, data: Path, **overrides) -> tuple[str, Path]:
+    """ns-train gridinr-fit on `data` with overrides ("batch_size", "image_size", "max_num_iterations");
+    returns the exit message and the output folder (which must not exist afterwards)."""
+    output = tmp_path / "outputs"
+    config = short_run(fit_trainer_config(), output, "bad", overrides.pop("max_num_iterations", 5))
+    config.pipeline.datamanager.dataparser.data = data
+    shrink_dataparser(config.pipeline.datamanager.dataparser, tmp_path / "references")
+    for key, value in overrides.items():
+        target = config.pipeline.datamanager if key == "batch_size" else config.pipeline.datamanager.dataparser
+        setattr(target, key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        ns_train_main(config)
+    return str(exit_info.value.code), output
+
+
+def assert_one_line(message: str, *expected: str) -> None:
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("gridinr-") and ": error: " in message
+    for part in expected:
+        assert part in message, message
+
+
+@pytest.fixture
+def good_volume(tmp_path: Path) -> Path:
+    path = tmp_path / "good.npy"
+    np.save(path, np.random.default_rng(0).uniform(size=(6, 7, 8)).astype(np.float32))
+    return path
+
+
+def test_fit_rejects_what_info_rejects(tmp_path: Path, capsys) -> None:
+    """Every volume `gridinr-data info` refuses is refused by ns-train with the same line, and nothing is written."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "dataset.json").write_text('{"name": "x", "dims": [4, 4')  # truncated JSON
+    (tmp_path / "short_4x4x4_uint8.raw").write_bytes(b"\0" * 10)  # wrong size
+    np.save(tmp_path / "flat.npy", np.random.default_rng(1).uniform(size=(1, 6, 7)).astype(np.float32))
+    np.save(tmp_path / "constant.npy", np.full((5, 6, 7), 3.0, np.float32))
+    cases = {
+        bad: "malformed JSON",
+        tmp_path / "short_4x4x4_uint8.raw": "wrong file size",
+        tmp_path / "missing.npy": "no such file",
+        tmp_path / "flat.npy": "at least 2 voxels along each axis",
+        tmp_path / "constant.npy": "is constant",
+    }
+    for path, problem in cases.items():
+        assert data_cli.main(["info", str(path)]) == 1
+        info_error = capsys.readouterr().err.strip().splitlines()
+        assert len(info_error) == 1 and problem in info_error[0]
+        message, output = run_fit(tmp_path, path)
+        assert_one_line(message, str(path), problem)
+        assert message.split(": error: ")[1] == info_error[0].split(": error: ")[1]  # the same words
+        assert not output.exists() and not (tmp_path / "references").exists()
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("batch_size", 0, "--pipeline.datamanager.batch-size must be at least 1"),
+    ("image_size", 0, "--pipeline.datamanager.dataparser.image-size must be at least 1"),
+    ("num_train_views", 0, "num-train-views must be at least 1"),
+    ("max_num_iterations", 0, "--max-num-iterations must be at least 1"),
+])
+def test_fit_rejects_degenerate_options(tmp_path: Path, good_volume: Path, option, value, words) -> None:
+    message, output = run_fit(tmp_path, good_volume, **{option: value})
+    assert_one_line(message, words)
+    assert not output.exists()
+
+
+def test_ns_train_prints_one_line_and_no_config(tmp_path: Path) -> None:
+    """The real command: no config dump, no traceback, exit status 1, no output folder."""
+    np.save(tmp_path / "constant.npy", np.zeros((4, 4, 4), np.uint8))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "nerfstudio.scripts.train", "gridinr-fit",
+         "--pipeline.datamanager.dataparser.data", str(tmp_path / "constant.npy"),
+         "--output-dir", str(tmp_path / "outputs"), "--vis", "tensorboard"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 1
+    assert result.stdout.strip() == ""
+    assert result.stderr.strip().splitlines() == [
+        f"gridinr-fit: error: {tmp_path / 'constant.npy'}: variable 'value' t=1 is constant (every voxel is 0): "
+        "its renderings are blank, nothing to fit"
+    ]
+    assert not (tmp_path / "outputs").exists()
+
+
+def run_edit(tmp_path: Path, stage1_config: Path, **model_overrides) -> tuple[str, Path]:
+    output = tmp_path / "edit-outputs"
+    config = short_run(edit_trainer_config(), output, "bad", model_overrides.pop("max_num_iterations", 4))
+    config.pipeline.stage1_config = stage1_config
+    for key, value in model_overrides.items():
+        setattr(config.pipeline.model, key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        ns_train_main(config)
+    return str(exit_info.value.code), output
+
+
+def test_edit_rejects_bad_stage1_config(tmp_path: Path, tiny_fit_run: Path) -> None:
+    truncated = tmp_path / "truncated" / "config.yml"
+    truncated.parent.mkdir()
+    truncated.write_text(tiny_fit_run.read_text()[: len(tiny_fit_run.read_text()) // 2])
+    not_yaml = tmp_path / "not_yaml.yml"
+    not_yaml.write_text("{{{ this is: [not yaml\n")
+    for path, words in [(truncated, "not a loadable run config"), (not_yaml, "not a loadable run config"),
+                        (tmp_path / "missing.yml", "stage-1 config not found")]:
+        message, output = run_edit(tmp_path, path, lam_clip=0.0)
+        assert_one_line(message, str(path), words)
+        assert not output.exists()
+
+
+def test_edit_rejects_bad_clip_weights(tmp_path: Path, tiny_fit_run: Path) -> None:
+    """Random bytes and another model's weights: one line naming the file (never torch's weights_only advice)."""
+    model_name = register_tiny_clip(tmp_path / "clip_configs")
+    other = dict(TINY_CLIP_CONFIG, text_cfg=dict(TINY_CLIP_CONFIG["text_cfg"], width=48))  # pos_embed width differs
+    (tmp_path / "other_configs").mkdir()
+    (tmp_path / "other_configs" / "gridinr-other-clip.json").write_text(json.dumps(other))
+    import open_clip
+
+    open_clip.add_model_config(tmp_path / "other_configs")
+    other_weights = save_tiny_clip_weights("gridinr-other-clip", tmp_path / "other.bin")
+    random_bytes = tmp_path / "random.bin"
+    random_bytes.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for path, words in [(random_bytes, "not a readable weights file"),
+                        (other_weights, f"not weights of open_clip model {model_name}")]:
+        message, output = run_edit(tmp_path, tiny_fit_run, lam_clip=1.0, clip_model=model_name, clip_weights=path)
+        assert_one_line(message, str(path), words)
+        assert "weights_only" not in message
+        assert not output.exists()
+    good = save_tiny_clip_weights(model_name, tmp_path / "good.bin")
+    message, output = run_edit(tmp_path, tiny_fit_run, lam_clip=1.0, clip_model=model_name, clip_weights=good,
+                               max_num_iterations=0)  # the weights pass; the next check speaks
+    assert_one_line(message, "--max-num-iterations must be at least 1")
+
+
+def test_load_clip_gives_one_line_for_bad_weights(tmp_path: Path) -> None:
+    from gridinr_nerfstudio.stages.edit.clip_loss import ClipWeightsError, load_clip
+
+    model_name = register_tiny_clip(tmp_path / "clip_configs")
+    random_bytes = tmp_path / "random.bin"
+    random_bytes.write_bytes(b"\x93NOTAPICKLE" * 300)
+    with pytest.raises(ClipWeightsError, match="not a readable weights file") as error:
+        load_clip(model_name, random_bytes)
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_eval_never_writes_nan(tmp_path: Path, tiny_fit_run: Path, monkeypatch) -> None:
+    """Blank or identical images give PSNR inf and its spread NaN: left out of the metrics (JSON and CSV), said once."""
+    from nerfstudio.pipelines.base_pipeline import VanillaPipeline
+
+    from gridinr_nerfstudio.runs import load_run_pipeline
+
+    _, pipeline, _, _ = load_run_pipeline(tiny_fit_run, test_mode="test")
+    pipeline.config.run_dir = tmp_path / "run"
+    monkeypatch.setattr(VanillaPipeline, "get_average_eval_image_metrics", lambda self, **kwargs: {
+        "psnr": float("inf"), "psnr_std": float("nan"), "ssim": 1.0, "ssim_std": 0.0,
+        "fps": 10.0, "num_rays_per_sec": 1000.0})
+    metrics = pipeline.get_average_eval_image_metrics(step=7)
+    json.dumps(metrics, allow_nan=False)  # what ns-eval writes: valid JSON
+    assert "psnr" not in metrics and "psnr_std" not in metrics and metrics["ssim"] == 1.0
+    csv_text = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "nan" not in csv_text and "inf" not in csv_text.replace("lpips_unavailable", "")
