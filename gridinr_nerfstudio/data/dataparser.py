@@ -80,6 +80,9 @@ class VolumeDataParserConfig(DataParserConfig):
     """Transfer function and ray marching of the reference renderings."""
     cache_dir: Optional[Path] = None
     """Reference-rendering cache (default: $XDG_CACHE_HOME/gridinr-nerfstudio/references)."""
+    preload_max_bytes: int = 2 << 30
+    """Reference renderings of volumes whose float32 copy is at most this size read an in-memory copy; larger ones
+    read only the voxels around each ray sample through the memmap (memory and time ~ pixels x samples)."""
 
 
 class VolumeDataParser(DataParser):
@@ -119,7 +122,8 @@ class VolumeDataParser(DataParser):
         volume = self.volume
         cameras = self.cameras_for_split(split)
         aabb = scene_aabb(volume)
-        image_filenames = reference_renderings(volume, cameras, self.config.render, self._cache_folder(split, cameras))
+        image_filenames = reference_renderings(volume, cameras, self.config.render, self._cache_folder(split, cameras),
+                                               dense_max_bytes=self.config.preload_max_bytes)
         return DataparserOutputs(
             image_filenames=image_filenames,
             cameras=cameras,
@@ -136,18 +140,22 @@ class VolumeDataParser(DataParser):
         return (self.config.cache_dir or default_cache_dir()) / key / split
 
 
-def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSettings, folder: Path) -> list[Path]:
-    """PNG renderings of the raw voxels for each camera; reused when the same volume/settings/cameras were rendered."""
+def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSettings, folder: Path,
+                         dense_max_bytes: int = 2 << 30) -> list[Path]:
+    """PNG renderings of the raw voxels for each camera; reused when the same volume/settings/cameras were rendered.
+
+    Volumes over `dense_max_bytes` as float32 are sampled through their memmap (see `raw_voxel_field`).
+    """
     filenames = [folder / f"view_{index:03d}.png" for index in range(len(cameras))]
     done_marker = folder / "complete.json"
     if done_marker.exists() and all(path.exists() for path in filenames):
         return filenames
-    from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+    from gridinr_nerfstudio.fields.memmap_grid import raw_voxel_field
     from gridinr_nerfstudio.rendering.images import render_camera
 
     folder.mkdir(parents=True, exist_ok=True)
     CONSOLE.print(f"Rendering {len(cameras)} reference views of {volume.info.name} into {folder}")
-    grid = DenseGridField(torch.from_numpy(volume.normalized_array()), torch.as_tensor(np.asarray(volume.half_size)))
+    grid = raw_voxel_field(volume, dense_max_bytes)
     transfer_function = settings.transfer_function(voxel_size_world(volume))
     background = torch.tensor(settings.background, dtype=torch.float32)
 

@@ -139,11 +139,12 @@ class StageModel(Model):
         """Values (M,) -> (rgb (M, 3), sigma (M,)): the transfer function."""
         raise NotImplementedError
 
-    def occupancy_source(self) -> torch.Tensor:
+    def occupancy_source(self) -> Optional[torch.Tensor]:
         """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping):
-        the field cache when on (exact for what is rendered), else the raw voxels the field approximates."""
+        the field cache when on (exact for what is rendered); None: the raw voxels the field approximates, read in
+        z-slabs through the memmap (see `occupancy`)."""
         cache = self.cached_field()
-        return cache.volume if cache is not None else torch.from_numpy(self.volume.normalized_array())
+        return cache.volume if cache is not None else None
 
     def sample_fn(self) -> SampleFn:
         """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""
@@ -154,9 +155,13 @@ class StageModel(Model):
     def occupancy(self, color_fn: ColorFn) -> OccupancyGrid:
         """Macrocell grid of `occupancy_source()`, marked with what `color_fn` makes visible."""
         if self.occupancy_grid is None:
-            grid = OccupancyGrid.from_volume(
-                self.occupancy_source(), self.aabb[1].cpu(), resolution=self.config.occupancy_resolution
-            ).to(self.aabb.device)
+            source, resolution = self.occupancy_source(), self.config.occupancy_resolution
+            if source is not None:
+                grid = OccupancyGrid.from_volume(source, self.aabb[1].cpu(), resolution=resolution)
+            else:
+                read = lambda z0, z1: torch.from_numpy(self.volume.normalized_slab(z0, z1))  # noqa: E731
+                grid = OccupancyGrid.from_slabs(read, self.volume.data.shape, self.aabb[1].cpu(), resolution=resolution)
+            grid = grid.to(self.aabb.device)
             self.__dict__["occupancy_grid"] = grid
         return self.occupancy_grid.update(color_fn)
 

@@ -32,8 +32,12 @@ from nerfstudio.data.datasets.base_dataset import InputDataset
 from gridinr_nerfstudio.data.dataparser import VolumeDataParserConfig
 from gridinr_nerfstudio.data.volume_io import Volume
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.stages.fit.shuffle import FeistelPermutation
 
 Sampling = Literal["voxels", "continuous"]
+RANDPERM_MAX_VOXELS = 1 << 24
+"""Epochs over more voxels than this use a FeistelPermutation computed on the fly instead of a stored randperm
+(64 MiB of int32 indices at most), so the sampler's memory does not grow with the volume."""
 
 
 class VolumePointSampler:
@@ -57,7 +61,7 @@ class VolumePointSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.dims = torch.tensor(volume.info.dims, dtype=torch.int64)  # (X, Y, Z)
         self.num_voxels = int(self.dims.prod())
-        self.epoch_order: torch.Tensor | None = None  # shuffled voxel indices of the current epoch
+        self.epoch_order: torch.Tensor | FeistelPermutation | None = None  # this epoch's shuffle of the voxels
         self.epoch_position = 0
         self.dense: DenseGridField | None = None
         if self.num_voxels * 4 <= preload_max_bytes:
@@ -80,10 +84,16 @@ class VolumePointSampler:
         chunks = []
         while count > 0:
             if self.epoch_order is None or self.epoch_position >= self.num_voxels:
-                index_dtype = torch.int32 if self.num_voxels < 2**31 else torch.int64  # int32 sorts ~2x faster
-                self.epoch_order = torch.randperm(self.num_voxels, generator=self.generator, dtype=index_dtype)
+                if self.num_voxels <= RANDPERM_MAX_VOXELS:  # int32 sorts ~2x faster than int64
+                    self.epoch_order = torch.randperm(self.num_voxels, generator=self.generator, dtype=torch.int32)
+                else:
+                    self.epoch_order = FeistelPermutation(self.num_voxels, self.generator)
                 self.epoch_position = 0
-            chunk = self.epoch_order[self.epoch_position : self.epoch_position + count]
+            stop = min(self.epoch_position + count, self.num_voxels)
+            if isinstance(self.epoch_order, FeistelPermutation):
+                chunk = self.epoch_order(torch.arange(self.epoch_position, stop, dtype=torch.int64))
+            else:
+                chunk = self.epoch_order[self.epoch_position : stop]
             self.epoch_position += chunk.numel()
             count -= chunk.numel()
             chunks.append(chunk)
