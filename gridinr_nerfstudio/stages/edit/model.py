@@ -72,7 +72,7 @@ class EditModel(StageModel):
 
     def populate_modules(self):
         super().populate_modules()
-        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
+        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field, num_times=len(self.volumes))
         if self.config.stage1_checkpoint is not None:
             self.field.load_state_dict(load_stage1_field_state(self.config.stage1_checkpoint))
         self.field.requires_grad_(False).eval()

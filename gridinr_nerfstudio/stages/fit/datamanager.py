@@ -32,6 +32,7 @@ from nerfstudio.data.datasets.base_dataset import InputDataset
 from gridinr_nerfstudio.data.dataparser import VolumeDataParserConfig
 from gridinr_nerfstudio.data.volume_io import Volume
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.stages.fit.sequence import SequencePointSampler
 from gridinr_nerfstudio.stages.fit.shuffle import FeistelPermutation
 
 Sampling = Literal["voxels", "continuous"]
@@ -189,18 +190,23 @@ class FitDataManager(VanillaDataManager[InputDataset]):
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank)
         self.volume: Volume = self.train_dataparser_outputs.metadata["volume"].volume
         self.aabb = self.train_dataparser_outputs.scene_box.aabb.float()
+        volumes = self.train_dataparser_outputs.metadata["volumes"].volume  # the steps of a sequence (or one)
+        samplers = [
+            VolumePointSampler(
+                volume,
+                self.aabb,
+                device=device,
+                sampling=config.sampling,
+                continuous_fraction=config.continuous_fraction,
+                subsample_factor=config.subsample_factor,
+                coarse_steps=int(config.subsample_fraction * config.max_iterations),
+                preload_max_bytes=config.preload_max_bytes // len(volumes),
+                seed=config.seed + local_rank + 1000 * index,
+            )
+            for index, volume in enumerate(volumes)
+        ]
         # Not a registered submodule: the voxels it may hold must not end up in checkpoints.
-        self.__dict__["sampler"] = VolumePointSampler(
-            self.volume,
-            self.aabb,
-            device=device,
-            sampling=config.sampling,
-            continuous_fraction=config.continuous_fraction,
-            subsample_factor=config.subsample_factor,
-            coarse_steps=int(config.subsample_fraction * config.max_iterations),
-            preload_max_bytes=config.preload_max_bytes,
-            seed=config.seed + local_rank,
-        )
+        self.__dict__["sampler"] = samplers[0] if len(samplers) == 1 else SequencePointSampler(samplers)
 
     def setup_train(self):
         """Stage 1 trains on points: no training image loader or pixel sampler is needed."""
@@ -212,6 +218,9 @@ class FitDataManager(VanillaDataManager[InputDataset]):
     def next_train(self, step: int) -> Tuple[torch.Tensor, Dict]:
         """A batch of world positions and their target values."""
         self.train_count += 1
+        if isinstance(self.sampler, SequencePointSampler):  # each point with its step's time
+            points, values, times = self.sampler.batch(self.config.batch_size, step)
+            return points, {"values": values, "times": times}
         points, values = self.sampler.batch(self.config.batch_size, step)
         return points, {"values": values}
 
