@@ -6,6 +6,7 @@ returns 0 outside the box, the value of empty space after normalisation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +34,6 @@ class VolumeFieldSettings:
     num_hidden_layers: int = 2
     backend: str = "auto"
     """Hash-grid backend: auto (tiny-cuda-nn on CUDA when installed, else our C++ kernels, else torch), tcnn, cpp, torch."""
-    time_latent_dim: int = 16
-    """Sequences only (more than one time step): size of the learned per-step latent appended to the MLP input;
-    the hash grid is shared by all steps. A time between two steps interpolates their latents."""
 
 
 def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
@@ -52,81 +50,92 @@ def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
 
 
 class VolumeField(nn.Module):
-    """Hash-grid INR of one scalar volume, or of a sequence of `num_times` steps (time t in [0, 1], see
-    data/timesteps.py): one shared hash grid, a learned latent per step appended to the MLP input."""
+    """Hash-grid INR of one scalar volume, or of a sequence of `num_times` steps at times t in [0, 1]
+    (data/timesteps.py): a shared grid with half the table plus one grid per step with 1/(2T) of it (their features
+    concatenated for the MLP; ~1.5x the parameters of one step's field); a time between two steps blends their
+    grids. Chosen over a shared grid with a per-step latent, measured in README ("Time-varying volumes")."""
 
     def __init__(self, aabb: torch.Tensor, settings: VolumeFieldSettings, num_times: int = 1):
         super().__init__()
         self.register_buffer("aabb", aabb.clone().float())
         self.settings = settings
         self.num_times = int(num_times)
-        latent_dim = settings.time_latent_dim if self.num_times > 1 else 0
-        if latent_dim:  # absent for one step: single-step checkpoints keep their keys
-            self.time_latents = nn.Parameter(torch.randn(self.num_times, latent_dim) * 0.1)
-        self.encoding = HashGridEncoding(
+        sequence = self.num_times > 1
+        shared_log2 = settings.log2_hashmap_size - 1 if sequence else settings.log2_hashmap_size
+        self.encoding = self._grid(settings, shared_log2)
+        if sequence:  # absent for one step: single-step checkpoints keep their keys
+            step_log2 = max(10, shared_log2 - math.ceil(math.log2(self.num_times)))
+            self.step_encodings = nn.ModuleList([self._grid(settings, step_log2) for _ in range(self.num_times)])
+        self.mlp = value_mlp(settings, self.encoding.get_out_dim() if sequence else 0)
+
+    @staticmethod
+    def _grid(settings: VolumeFieldSettings, log2_hashmap_size: int) -> HashGridEncoding:
+        return HashGridEncoding(
             num_levels=settings.num_levels,
             features_per_level=settings.features_per_level,
-            log2_hashmap_size=settings.log2_hashmap_size,
+            log2_hashmap_size=log2_hashmap_size,
             base_resolution=settings.base_resolution,
             max_resolution=settings.max_resolution,
             backend=settings.backend,
         )
-        self.mlp = value_mlp(settings, latent_dim)
 
     def to_unit_cube(self, points: torch.Tensor) -> torch.Tensor:
         """World points -> [0, 1]^3 of the scene box."""
         return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
 
-    def latent(self, times: torch.Tensor | float) -> torch.Tensor:
-        """Per-step latents linearly interpolated at times in [0, 1]: (N, D) for times (N,), (D,) for a scalar."""
-        position = torch.as_tensor(times, dtype=torch.float32, device=self.time_latents.device).clamp(0, 1)
-        position = position * (self.num_times - 1)
+    def time_parameters(self) -> list[nn.Parameter]:
+        """The per-step grids of a sequence ([] for a single step); hash tables, like `encoding`'s."""
+        return list(self.step_encodings.parameters()) if self.num_times > 1 else []
+
+    def step_features(self, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:
+        """Features (N, F) of the per-step grids at `times` (N,) or one time: step k's grid at its time k/(T-1),
+        linear blends of two neighbouring grids in between."""
+        position = torch.as_tensor(times, dtype=torch.float32, device=unit_points.device).clamp(0, 1)
+        position = position.expand(unit_points.shape[0]) * (self.num_times - 1)
         low = position.floor().long().clamp(max=self.num_times - 2)
-        weight = (position - low)[..., None]
-        return torch.lerp(self.time_latents[low], self.time_latents[low + 1], weight)
+        weight = position - low
+        out = None
+        for step, grid in enumerate(self.step_encodings):
+            share = torch.where(low == step, 1.0 - weight, torch.where(low + 1 == step, weight, 0.0))
+            rows = (share > 0).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            features = grid(unit_points[rows]) * share[rows, None]
+            if out is None:
+                out = torch.zeros(unit_points.shape[0], features.shape[-1], dtype=features.dtype,
+                                  device=features.device)
+            out = out.index_add(0, rows, features)
+        return out
 
     def forward_unit(self, unit_points: torch.Tensor, times: torch.Tensor | float | None = None) -> torch.Tensor:
         """Values (N,) at points already in the unit cube (no masking), at `times` (N,) or one time for all
         (sequences; None: the first step).
 
-        When no gradient is wanted (rendering a frozen or evaluated field) the encoding and the MLP run fused
-        per block of points on the C++ backend (see `HashGridEncoding.fused_decode`); otherwise through autograd.
+        When no gradient is wanted (rendering a frozen or evaluated field of one step) the encoding and the MLP run
+        fused per block of points on the C++ backend (see `HashGridEncoding.fused_decode`); otherwise through autograd.
         """
-        one_time = times is None or not torch.is_tensor(times) or times.dim() == 0
-        if not self.needs_autograd(unit_points) and one_time:
-            values = self.encoding.fused_decode(unit_points, self.decoder_layers(0.0 if times is None else times))
+        if self.num_times > 1:
+            features = self.encoding(unit_points)
+            steps = self.step_features(unit_points, 0.0 if times is None else times)
+            return self.mlp(torch.cat([features, steps.to(features)], dim=-1)).squeeze(-1)
+        if not self.needs_autograd(unit_points):
+            values = self.encoding.fused_decode(unit_points, self.decoder_layers())
             if values is not None:
                 return values
-        features = self.encoding(unit_points)
-        if self.num_times > 1:
-            latent = self.latent(0.0 if times is None else times)
-            latent = latent.expand(features.shape[0], -1) if latent.dim() == 1 else latent
-            features = torch.cat([features, latent.to(features)], dim=-1)
-        return self.mlp(features).squeeze(-1)
+        return self.mlp(self.encoding(unit_points)).squeeze(-1)
 
     def needs_autograd(self, points: torch.Tensor) -> bool:
         """Whether a result could be differentiated: grad mode on and the points or any parameter require it."""
         return torch.is_grad_enabled() and (points.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def decoder_layers(self, time: torch.Tensor | float = 0.0) -> list[nn.Linear]:
-        """The MLP's linear layers, when it is the plain ReLU stack the fused kernel computes; else [].
-
-        For a sequence, the latent of `time` is folded into the first layer's bias (W [f; z] + b = W_f f + (W_z z + b)).
-        """
+    def decoder_layers(self) -> list[nn.Linear]:
+        """The MLP's linear layers, when it is the plain ReLU stack the fused kernel computes; else []."""
         layers = list(self.mlp.layers)
         plain = (
             isinstance(self.mlp.activation, nn.ReLU) and self.mlp.out_activation is None
             and not getattr(self.mlp, "_skip_connections", None) and all(isinstance(layer, nn.Linear) for layer in layers)
         )
-        if not plain:
-            return []
-        if self.num_times > 1:
-            first, width = layers[0], self.encoding.get_out_dim()
-            folded = nn.Linear(width, first.out_features).to(first.weight)
-            folded.weight.data = first.weight.data[:, :width].contiguous()
-            folded.bias.data = first.bias.data + first.weight.data[:, width:] @ self.latent(time).to(first.weight)
-            layers = [folded] + layers[1:]
-        return layers
+        return layers if plain else []
 
     def forward(self, points: torch.Tensor, time: float | None = None) -> torch.Tensor:
         """Normalised values (N,) at world points (N, 3) at one time; 0 outside the scene box."""

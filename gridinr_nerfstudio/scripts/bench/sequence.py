@@ -1,7 +1,7 @@
 """``gridinr-bench sequence``: one model for a time range vs one model per step, at the same iteration budget.
 
 For each selected step a single-step field (the method's defaults) trains ``--iterations`` steps on that step
-alone; then one sequence field (shared hash grid + per-step latent, see fields/volume_field.py) trains
+alone; then one sequence field (a shared hash grid plus a grid per step, see fields/volume_field.py) trains
 ``--iterations`` steps on all of them (every batch holds points of every step). Volume PSNR is measured at every
 voxel of every step. The quality bar: the sequence's mean within 3 dB of the single-step mean, each step within
 3 dB of the sequence mean, at most 2x the parameters of one single-step model. Without ``--data`` a sequence with
@@ -63,8 +63,7 @@ def generate_sequence(folder: Path, size: int = 64, steps: int = 4) -> Path:
 def train(field: VolumeField, sampler, aabb: torch.Tensor, iterations: int, batch: int) -> float:
     """Train `field` with the method's optimizers and schedule; returns seconds."""
     method = fit_trainer_config()
-    latents = [field.time_latents] if field.num_times > 1 else []
-    groups = {"encoding": list(field.encoding.parameters()), "mlp": list(field.mlp.parameters()) + latents}
+    groups = {"encoding": list(field.encoding.parameters()) + field.time_parameters(), "mlp": list(field.mlp.parameters())}
     optimizers = [method.optimizers[name]["optimizer"].setup(params) for name, params in groups.items()]
     for name, optimizer in zip(groups, optimizers):
         method.optimizers[name]["scheduler"].max_steps = iterations

@@ -46,8 +46,8 @@ class FitModel(StageModel):
         return self.transfer_function()
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
-        latents = [self.field.time_latents] if self.field.num_times > 1 else []
-        return {"encoding": list(self.field.encoding.parameters()), "mlp": list(self.field.mlp.parameters()) + latents}
+        grids = list(self.field.encoding.parameters()) + self.field.time_parameters()
+        return {"encoding": grids, "mlp": list(self.field.mlp.parameters())}
 
     def get_point_outputs(self, points: torch.Tensor, times: torch.Tensor | None = None) -> Dict[str, torch.Tensor]:
         """The field's values (N,) at world points (N, 3) inside the box (at `times` (N,) for a sequence):
