@@ -40,5 +40,6 @@ class MemmapGridField:
 def raw_voxel_field(volume: Volume, dense_max_bytes: int = DEFAULT_DENSE_MAX_BYTES):
     """The field of the raw voxels: a DenseGridField when its float32 copy fits `dense_max_bytes`, else memmapped."""
     if int(np.prod(volume.info.dims)) * 4 <= dense_max_bytes and min(volume.info.dims) >= 2:
-        return DenseGridField(torch.from_numpy(volume.normalized_array()), torch.as_tensor(np.asarray(volume.half_size)))
+        normalized = torch.from_numpy(volume.normalized_array())
+        return DenseGridField(normalized, torch.as_tensor(np.asarray(volume.half_size)))
     return MemmapGridField(volume)

@@ -68,8 +68,8 @@ class OccupancyGrid(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_slabs(
-        cls, read_slab: Callable[[int, int], torch.Tensor], shape: Sequence[int], half_size: torch.Tensor | Sequence[float],
-        resolution: int = 32, max_chunk_voxels: int = 1 << 23,
+        cls, read_slab: Callable[[int, int], torch.Tensor], shape: Sequence[int],
+        half_size: torch.Tensor | Sequence[float], resolution: int = 32, max_chunk_voxels: int = 1 << 23,
     ) -> OccupancyGrid:
         """The same bounds as `from_volume` for a volume (Z, Y, X) read by `read_slab(z0, z1)` in z-slabs of at most
         `max_chunk_voxels` (at least one slice), so that a memory-mapped volume is never loaded whole."""

@@ -63,7 +63,8 @@ def generate_sequence(folder: Path, size: int = 64, steps: int = 4) -> Path:
 def train(field: VolumeField, sampler, aabb: torch.Tensor, iterations: int, batch: int) -> float:
     """Train `field` with the method's optimizers and schedule; returns seconds."""
     method = fit_trainer_config()
-    groups = {"encoding": list(field.encoding.parameters()) + field.time_parameters(), "mlp": list(field.mlp.parameters())}
+    groups = {"encoding": list(field.encoding.parameters()) + field.time_parameters(),
+              "mlp": list(field.mlp.parameters())}
     optimizers = [method.optimizers[name]["optimizer"].setup(params) for name, params in groups.items()]
     for name, optimizer in zip(groups, optimizers):
         method.optimizers[name]["scheduler"].max_steps = iterations

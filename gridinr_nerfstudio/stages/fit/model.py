@@ -77,7 +77,9 @@ class FitModel(StageModel):
         times = step_times(len(self.volumes)).tolist()
         result = {}
         for step, volume, time in zip(self.timesteps, self.volumes, times):
-            at_time = (lambda unit, t=time: self.field.forward_unit(unit, t)) if len(self.volumes) > 1 else self.field.forward_unit
+            def at_time(unit, t=time if len(self.volumes) > 1 else None):
+                return self.field.forward_unit(unit, t)
+
             result[step] = volume_psnr(at_time, volume, self.aabb.device, self.config.volume_psnr_chunk)
         return result
 
@@ -89,7 +91,8 @@ class FitModel(StageModel):
 
     def compression_ratio(self) -> float:
         """Volume bytes (in its own dtype, all steps of a sequence) over model bytes."""
-        volume_bytes = int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize * len(self.volumes)
+        step_bytes = int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
+        volume_bytes = step_bytes * len(self.volumes)
         return volume_bytes / self.model_bytes()
 
 

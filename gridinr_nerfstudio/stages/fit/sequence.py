@@ -19,7 +19,8 @@ class SequencePointSampler:
 
     def batch(self, count: int, step: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(points (count, 3), values (count,), times (count,)) on the samplers' device."""
-        shares = [count // len(self.samplers) + (index < count % len(self.samplers)) for index in range(len(self.samplers))]
+        steps = len(self.samplers)
+        shares = [count // steps + (index < count % steps) for index in range(steps)]
         points, values, times = [], [], []
         for sampler, time, share in zip(self.samplers, self.times, shares):
             if share == 0:
