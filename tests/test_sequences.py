@@ -161,3 +161,18 @@ def test_one_step_selected_by_timesteps_equals_timestep(tmp_path, sequence_data)
     parser_all, first = volume(timesteps="all")
     assert parser_all.includes_time and [v.timestep for v in parser_all.volumes] == [1, 2, 3]
     assert first.value_max == max(v.value_max for v in parser_all.volumes)  # one value range for the sequence
+
+
+def test_stage2_trains_on_a_sequence(sequence_run, tmp_path):
+    """gridinr-edit on a sequence run: the frozen field keeps its per-step grids and each view renders its step."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from tiny_runs import train_tiny_edit
+
+    config = train_tiny_edit(tmp_path / "edit", sequence_run, iterations=2, lam_clip=0.0)
+    _, pipeline, _, _ = eval_setup(config)
+    model = pipeline.model
+    assert model.field.num_times == STEPS
+    cameras = pipeline.datamanager.eval_dataset.cameras
+    first, last = model.render_views(cameras[0:1]), model.render_views(cameras[len(cameras) - 1 :])
+    assert model.render_time == 1.0 and (first - last).abs().mean() > 0.005
