@@ -37,9 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, default=None, help="a dataset with several steps (default: generated)")
     parser.add_argument("--timesteps", default="all", help="'all', 'N' or 'A:B' (1-based, inclusive)")
-    parser.add_argument("--iterations", type=int, default=500, help="training iterations of every model")
+    parser.add_argument("--iterations", type=int, default=300, help="training iterations of every model")
     parser.add_argument("--batch", type=int, default=1 << 16, help="points per step")
-    parser.add_argument("--size", type=int, default=64, help="side of the generated volume")
+    parser.add_argument("--size", type=int, default=48, help="side of the generated volume")
     parser.add_argument("--steps", type=int, default=4, help="steps of the generated sequence")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     return parser
