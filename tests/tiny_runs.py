@@ -51,7 +51,8 @@ def short_run(config, output_dir: Path, timestamp: str, iterations: int):
 
 def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: int = 60, image_size: int = 32,
                    full_field: bool = False, preset: Optional[str] = None, configure: Optional[Callable] = None,
-                   timestamp: str = "tiny", **dataparser_overrides) -> Path:
+                   timestamp: str = "tiny", datamanager_overrides: Optional[dict] = None,
+                   **dataparser_overrides) -> Path:
     """Train a small gridinr-fit run (tiny field unless `full_field`); returns its config.yml.
 
     `configure(config)` may change the trainer config last, just before ns-train runs it."""
@@ -62,6 +63,8 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
     for key, value in dataparser_overrides.items():
         setattr(config.pipeline.datamanager.dataparser, key, value)
     config.pipeline.datamanager.batch_size = 1 << 14 if full_field else 1 << 12
+    for key, value in (datamanager_overrides or {}).items():
+        setattr(config.pipeline.datamanager, key, value)
     if not full_field:
         field = config.pipeline.model.field
         field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32

@@ -27,9 +27,10 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT, open_data
+from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT, is_builtin, open_data
 from gridinr_nerfstudio.data.orbit_cameras import split_orbit_cameras
-from gridinr_nerfstudio.data.volume_io import Volume, scene_aabb, voxel_size_world
+from gridinr_nerfstudio.data.timesteps import cameras_over_time, parse_timesteps, share_value_range, step_times
+from gridinr_nerfstudio.data.volume_io import Volume, read_info, scene_aabb, voxel_size_world
 from gridinr_nerfstudio.rendering.settings import RenderSettings
 
 
@@ -62,7 +63,10 @@ class VolumeDataParserConfig(DataParserConfig):
     variable: Optional[str] = None
     """Variable to use (default: the first one)."""
     timestep: int = 1
-    """Time step to use (1-based)."""
+    """Time step to use (1-based) when `timesteps` is not given."""
+    timesteps: Optional[str] = None
+    """Time steps fitted by one model: 'all', one step 'N' or a range 'A:B' (1-based, inclusive, as in the file
+    names). Default: the single step `timestep`. Steps of a sequence share one value range."""
     nan_policy: str = "error"
     """What to do with NaN/Inf voxels: 'error' or 'replace' (with `replace_value`)."""
     replace_value: float = 0.0
@@ -81,6 +85,9 @@ class VolumeDataParserConfig(DataParserConfig):
     """Transfer function and ray marching of the reference renderings."""
     cache_dir: Optional[Path] = None
     """Reference-rendering cache (default: $XDG_CACHE_HOME/gridinr-nerfstudio/references)."""
+    preload_max_bytes: int = 2 << 30
+    """Reference renderings of volumes whose float32 copy is at most this size read an in-memory copy; larger ones
+    read only the voxels around each ray sample through the memmap (memory and time ~ pixels x samples)."""
 
 
 class VolumeDataParser(DataParser):
@@ -90,20 +97,37 @@ class VolumeDataParser(DataParser):
 
     def __init__(self, config: VolumeDataParserConfig):
         super().__init__(config)
-        self._volume: Optional[Volume] = None
+        self._volumes: Optional[list[Volume]] = None
+        self.timesteps = self._selected_steps()
+        self.includes_time = len(self.timesteps) > 1  # nerfstudio's viewer then shows its time slider
+
+    def _selected_steps(self) -> list[int]:
+        if self.config.timesteps is None:
+            return [self.config.timestep]
+        total = 1 if is_builtin(self.config.data) else read_info(self.config.data).total_samples
+        return parse_timesteps(self.config.timesteps, self.config.timestep, total, self.config.data)
+
+    @property
+    def volumes(self) -> list[Volume]:
+        """The volume of each selected step, opened once (memory-mapped), sharing one value range."""
+        if self._volumes is None:
+            self._volumes = [
+                open_data(
+                    self.config.data,
+                    variable=self.config.variable,
+                    timestep=step,
+                    nan_policy=self.config.nan_policy,
+                    replace_value=self.config.replace_value,
+                )
+                for step in self.timesteps
+            ]
+            share_value_range(self._volumes)
+        return self._volumes
 
     @property
     def volume(self) -> Volume:
-        """The volume, opened once (memory-mapped)."""
-        if self._volume is None:
-            self._volume = open_data(
-                self.config.data,
-                variable=self.config.variable,
-                timestep=self.config.timestep,
-                nan_policy=self.config.nan_policy,
-                replace_value=self.config.replace_value,
-            )
-        return self._volume
+        """The (first selected step's) volume."""
+        return self.volumes[0]
 
     def cameras_for_split(self, split: str) -> Cameras:
         """Training views and eval views are different points of one spiral, so eval views are novel."""
@@ -117,28 +141,44 @@ class VolumeDataParser(DataParser):
         )
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
-        volume = self.volume
+        """Orbit cameras and reference renderings; for a sequence, every camera once per step (step-major), with
+        the step's time (see `timesteps.step_times`)."""
+        volumes = self.volumes
         cameras = self.cameras_for_split(split)
-        aabb = scene_aabb(volume)
-        image_filenames = reference_renderings(volume, cameras, self.config.render, self._cache_folder(split, cameras))
+        aabb = scene_aabb(volumes[0])
+        image_filenames = []
+        for volume in volumes:
+            image_filenames += reference_renderings(volume, cameras, self.config.render,
+                                                    self._cache_folder(split, cameras, volume),
+                                                    dense_max_bytes=self.config.preload_max_bytes)
+        if len(volumes) > 1:
+            cameras = cameras_over_time(cameras, step_times(len(volumes)))
         return DataparserOutputs(
             image_filenames=image_filenames,
             cameras=cameras,
             scene_box=SceneBox(aabb=aabb),
             metadata={
-                "volume": SharedVolume(volume),
+                "volume": SharedVolume(volumes[0]),
+                "volumes": SharedVolume(volumes),
+                "timesteps": list(self.timesteps),
                 "render_settings": self.config.render,
             },
         )
 
-    def _cache_folder(self, split: str, cameras: Cameras) -> Path:
+    def _cache_folder(self, split: str, cameras: Cameras, volume: Optional[Volume] = None) -> Path:
+        volume = volume or self.volume
         camera_key = hashlib.sha1(cameras.camera_to_worlds.numpy().tobytes()).hexdigest()[:8]
-        key = f"{self.volume.fingerprint()}-{self.config.render.fingerprint()}-{self.config.image_size}-{camera_key}"
+        key = f"{volume.fingerprint()}-{self.config.render.fingerprint()}-{self.config.image_size}-{camera_key}"
+        if len(self.timesteps) > 1:  # the shared value range changes the normalised voxels
+            key += "-" + hashlib.sha1(repr((volume.value_min, volume.value_max)).encode()).hexdigest()[:8]
         return (self.config.cache_dir or default_cache_dir()) / key / split
 
 
-def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSettings, folder: Path) -> list[Path]:
+def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSettings, folder: Path,
+                         dense_max_bytes: int = 2 << 30) -> list[Path]:
     """PNG renderings of the raw voxels for each camera; reused when the same volume/settings/cameras were rendered.
+
+    Volumes over `dense_max_bytes` as float32 are sampled through their memmap (see `raw_voxel_field`).
 
     A cache entry appears whole or not at all: views render into a private temporary folder that is renamed into
     place once complete. A concurrent run that finishes first wins; the other uses its folder.
@@ -146,12 +186,12 @@ def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSetti
     names = [f"view_{index:03d}.png" for index in range(len(cameras))]
     if _complete(folder, names):
         return [folder / name for name in names]
-    from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+    from gridinr_nerfstudio.fields.memmap_grid import raw_voxel_field
     from gridinr_nerfstudio.rendering.images import render_camera, to_uint8
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     CONSOLE.print(f"Rendering {len(cameras)} reference views of {volume.info.name} into {folder}")
-    grid = DenseGridField.from_volume(volume)
+    grid = raw_voxel_field(volume, dense_max_bytes)
     transfer_function = settings.transfer_function(voxel_size_world(volume))
     background = torch.tensor(settings.background, dtype=torch.float32)
 

@@ -6,6 +6,7 @@ returns 0 outside the box, the value of empty space after normalisation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +37,10 @@ class VolumeFieldSettings:
     else torch), tcnn, triton, cpp, torch."""
 
 
-def value_mlp(settings: VolumeFieldSettings) -> MLP:
-    """The decoder from concatenated level features to one value (nerfstudio's MLP, linear output)."""
+def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
+    """The decoder from concatenated level features (and `extra_inputs` more) to one value (nerfstudio's MLP)."""
     return MLP(
-        in_dim=settings.num_levels * settings.features_per_level,
+        in_dim=settings.num_levels * settings.features_per_level + extra_inputs,
         num_layers=settings.num_hidden_layers + 1,
         layer_width=settings.hidden_dim,
         out_dim=1,
@@ -50,32 +51,74 @@ def value_mlp(settings: VolumeFieldSettings) -> MLP:
 
 
 class VolumeField(nn.Module):
-    """Hash-grid INR of one scalar volume."""
+    """Hash-grid INR of one scalar volume, or of a sequence of `num_times` steps at times t in [0, 1]
+    (data/timesteps.py): a shared grid with half the table plus one grid per step with 1/(2T) of it (their features
+    concatenated for the MLP; ~1.5x the parameters of one step's field); a time between two steps blends their
+    grids. Chosen over a shared grid with a per-step latent, measured in README ("Time-varying volumes")."""
 
-    def __init__(self, aabb: torch.Tensor, settings: VolumeFieldSettings):
+    def __init__(self, aabb: torch.Tensor, settings: VolumeFieldSettings, num_times: int = 1):
         super().__init__()
         self.register_buffer("aabb", aabb.clone().float())
         self.settings = settings
-        self.encoding = HashGridEncoding(
+        self.num_times = int(num_times)
+        sequence = self.num_times > 1
+        shared_log2 = settings.log2_hashmap_size - 1 if sequence else settings.log2_hashmap_size
+        self.encoding = self._grid(settings, shared_log2)
+        if sequence:  # absent for one step: single-step checkpoints keep their keys
+            step_log2 = max(10, shared_log2 - math.ceil(math.log2(self.num_times)))
+            self.step_encodings = nn.ModuleList([self._grid(settings, step_log2) for _ in range(self.num_times)])
+        self.mlp = value_mlp(settings, self.encoding.get_out_dim() if sequence else 0)
+
+    @staticmethod
+    def _grid(settings: VolumeFieldSettings, log2_hashmap_size: int) -> HashGridEncoding:
+        return HashGridEncoding(
             num_levels=settings.num_levels,
             features_per_level=settings.features_per_level,
-            log2_hashmap_size=settings.log2_hashmap_size,
+            log2_hashmap_size=log2_hashmap_size,
             base_resolution=settings.base_resolution,
             max_resolution=settings.max_resolution,
             backend=settings.backend,
         )
-        self.mlp = value_mlp(settings)
 
     def to_unit_cube(self, points: torch.Tensor) -> torch.Tensor:
         """World points -> [0, 1]^3 of the scene box."""
         return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
 
-    def forward_unit(self, unit_points: torch.Tensor) -> torch.Tensor:
-        """Values (N,) at points already in the unit cube (no masking).
+    def time_parameters(self) -> list[nn.Parameter]:
+        """The per-step grids of a sequence ([] for a single step); hash tables, like `encoding`'s."""
+        return list(self.step_encodings.parameters()) if self.num_times > 1 else []
 
-        When no gradient is wanted (rendering a frozen or evaluated field) the encoding and the MLP run fused
-        per block of points on the C++ backend (see `HashGridEncoding.fused_decode`); otherwise through autograd.
+    def step_features(self, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:
+        """Features (N, F) of the per-step grids at `times` (N,) or one time: step k's grid at its time k/(T-1),
+        linear blends of two neighbouring grids in between."""
+        position = torch.as_tensor(times, dtype=torch.float32, device=unit_points.device).clamp(0, 1)
+        position = position.expand(unit_points.shape[0]) * (self.num_times - 1)
+        low = position.floor().long().clamp(max=self.num_times - 2)
+        weight = position - low
+        out = None
+        for step, grid in enumerate(self.step_encodings):
+            share = torch.where(low == step, 1.0 - weight, torch.where(low + 1 == step, weight, 0.0))
+            rows = (share > 0).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            features = grid(unit_points[rows]) * share[rows, None]
+            if out is None:
+                out = torch.zeros(unit_points.shape[0], features.shape[-1], dtype=features.dtype,
+                                  device=features.device)
+            out = out.index_add(0, rows, features)
+        return out
+
+    def forward_unit(self, unit_points: torch.Tensor, times: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Values (N,) at points already in the unit cube (no masking), at `times` (N,) or one time for all
+        (sequences; None: the first step).
+
+        When no gradient is wanted (rendering a frozen or evaluated field of one step) the encoding and the MLP run
+        fused per block of points on the C++ backend (see `HashGridEncoding.fused_decode`); otherwise through autograd.
         """
+        if self.num_times > 1:
+            features = self.encoding(unit_points)
+            steps = self.step_features(unit_points, 0.0 if times is None else times)
+            return self.mlp(torch.cat([features, steps.to(features)], dim=-1)).squeeze(-1)
         if not self.needs_autograd(unit_points):
             values = self.encoding.fused_decode(unit_points, self.decoder_layers())
             if values is not None:
@@ -95,20 +138,21 @@ class VolumeField(nn.Module):
         )
         return layers if plain else []
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """Normalised values (N,) at world points (N, 3); 0 outside the scene box."""
+    def forward(self, points: torch.Tensor, time: float | None = None) -> torch.Tensor:
+        """Normalised values (N,) at world points (N, 3) at one time; 0 outside the scene box."""
         unit = self.to_unit_cube(points)
         inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
         if bool(inside.all()):  # the usual case for ray samples, which lie in the box
-            return self.forward_unit(unit).to(points.dtype)
+            return self.forward_unit(unit, time).to(points.dtype)
         values = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
         if inside.any():
-            values = values.masked_scatter(inside, self.forward_unit(unit[inside]).to(points.dtype))
+            values = values.masked_scatter(inside, self.forward_unit(unit[inside], time).to(points.dtype))
         return values
 
 
 @torch.no_grad()
-def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int = 1 << 18) -> DenseGridField:
+def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int = 1 << 18,
+                       time: float | None = None) -> DenseGridField:
     """Evaluate the field on a grid (keeping the volume's aspect ratio) and serve it by trilinear lookup."""
     dims = np.asarray(dims, dtype=np.float64)
     longest = dims.max()
@@ -118,6 +162,6 @@ def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int
     axes = [torch.linspace(0.0, 1.0, int(n), device=device) for n in grid_dims]
     zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     unit = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
-    values = torch.cat([field.forward_unit(unit[i : i + chunk]) for i in range(0, unit.shape[0], chunk)])
+    values = torch.cat([field.forward_unit(unit[i : i + chunk], time) for i in range(0, unit.shape[0], chunk)])
     grid = values.reshape(int(grid_dims[2]), int(grid_dims[1]), int(grid_dims[0])).clamp(0.0, 1.0)
     return DenseGridField(grid, field.aabb[1].clone())

@@ -18,6 +18,8 @@ def _macrocell_reduce(values: torch.Tensor, cells: Sequence[int], reduce: Callab
     lattice point from floor of the start to ceil of the end: all points trilinear interpolation may touch.
     """
     for dim, count in enumerate(cells):
+        if count is None:  # axis left as it is
+            continue
         size = values.shape[dim]
         edges = [index * (size - 1) / count for index in range(count + 1)]
         slices = []
@@ -62,6 +64,33 @@ class OccupancyGrid(nn.Module):
             _macrocell_reduce(volume, cells, torch.amax),
             torch.stack([-half, half]),
         )
+
+    @classmethod
+    @torch.no_grad()
+    def from_slabs(
+        cls, read_slab: Callable[[int, int], torch.Tensor], shape: Sequence[int],
+        half_size: torch.Tensor | Sequence[float], resolution: int = 32, max_chunk_voxels: int = 1 << 23,
+    ) -> OccupancyGrid:
+        """The same bounds as `from_volume` for a volume (Z, Y, X) read by `read_slab(z0, z1)` in z-slabs of at most
+        `max_chunk_voxels` (at least one slice), so that a memory-mapped volume is never loaded whole."""
+        depth, height, width = (int(n) for n in shape)
+        half = torch.as_tensor(half_size, dtype=torch.float32)
+        cells = [max(1, min(resolution, size - 1)) for size in (depth, height, width)]
+        per_read = max(1, max_chunk_voxels // max(height * width, 1))
+        edges = [index * (depth - 1) / cells[0] for index in range(cells[0] + 1)]
+        lows, highs = [], []
+        for cell in range(cells[0]):
+            start, stop = int(edges[cell] // 1), -int(-edges[cell + 1] // 1) + 1
+            low = high = None
+            for z0 in range(start, stop, per_read):
+                slab = torch.as_tensor(read_slab(z0, min(stop, z0 + per_read)), dtype=torch.float32)
+                slab_low = _macrocell_reduce(slab, [None, cells[1], cells[2]], torch.amin).amin(dim=0)
+                slab_high = _macrocell_reduce(slab, [None, cells[1], cells[2]], torch.amax).amax(dim=0)
+                low = slab_low if low is None else torch.minimum(low, slab_low)
+                high = slab_high if high is None else torch.maximum(high, slab_high)
+            lows.append(low)
+            highs.append(high)
+        return cls(torch.stack(lows), torch.stack(highs), torch.stack([-half, half]))
 
     @classmethod
     @torch.no_grad()

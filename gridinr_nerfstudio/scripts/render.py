@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     orbit.add_argument("--radius", type=float, default=2.5, help="camera distance from the centre (default 2.5)")
     orbit.add_argument("--fov", type=float, default=45.0, help="vertical field of view in degrees (default 45)")
     orbit.add_argument("--depth-colormap", default="viridis", help="matplotlib colormap for depth (default viridis)")
+    orbit.add_argument("--time-range", default=None, metavar="A:B",
+                       help="a sequence run: time steps (1-based, as in the file names) shown from the first frame to "
+                            "the last, in between interpolated (default: the run's first step)")
     return parser
 
 
@@ -66,6 +69,35 @@ def path_cameras(path: PathKind, frames: int, image_size: int, radius: float, el
         dim=-1,
     )
     return pinhole_cameras(look_at(eyes), image_size, fov_degrees)
+
+
+def frame_times(model, time_range: str | None, frames: int) -> torch.Tensor | None:
+    """Time (frames,) in [0, 1] of each frame, going from step A to step B of the run's steps; None: no time."""
+    if time_range is None:
+        return None
+    steps = list(getattr(model, "timesteps", [1]))
+    parts = time_range.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise RenderError(f"--time-range must be A:B (1-based steps), got {time_range!r}")
+    first, last = int(parts[0]), int(parts[1])
+    for step in (first, last):
+        if step not in steps:
+            raise RenderError(f"--time-range: step {step} is not in this run (its steps: {steps[0]}..{steps[-1]})")
+    if len(steps) == 1:
+        return None
+    start, stop = (steps.index(step) / (len(steps) - 1) for step in (first, last))
+    return torch.linspace(start, stop, frames) if frames > 1 else torch.tensor([start])
+
+
+def with_times(cameras, times: torch.Tensor | None):
+    """The cameras, each carrying its frame's time (unchanged when `times` is None)."""
+    if times is None:
+        return cameras
+    from nerfstudio.cameras.cameras import Cameras
+
+    return Cameras(camera_to_worlds=cameras.camera_to_worlds, fx=cameras.fx, fy=cameras.fy, cx=cameras.cx,
+                   cy=cameras.cy, width=cameras.width, height=cameras.height, camera_type=cameras.camera_type,
+                   times=times[:, None].float())
 
 
 def render_outputs(model, cameras, kind: OutputKind) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -196,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
         model = load_model(args.load_config)
         cameras = path_cameras(args.path, args.frames, args.image_size, args.radius, args.elevation, args.fov)
+        cameras = with_times(cameras, frame_times(model, args.time_range, args.frames))
         frames = render_frames(model, cameras, args.output_kind, args.depth_colormap)
         count = write_frames(frames, args.output, args.fps)
     except (RenderError, OSError) as error:

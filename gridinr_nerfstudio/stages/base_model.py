@@ -76,6 +76,9 @@ class StageModel(Model):
     def populate_modules(self):
         super().populate_modules()
         self.volume = self.kwargs["metadata"]["volume"].volume
+        sequence = self.kwargs["metadata"].get("volumes")  # absent in runs of a single step written before sequences
+        self.volumes = sequence.volume if sequence is not None else [self.volume]
+        self.timesteps = self.kwargs["metadata"].get("timesteps", [self.volume.timestep])
         self.render_settings: RenderSettings = copy.deepcopy(self.kwargs["metadata"]["render_settings"])
         self.register_buffer("aabb", self.scene_box.aabb.clone().float(), persistent=False)
         self._transfer_function_cache: Tuple[str, torch.nn.Module] | None = None
@@ -83,6 +86,8 @@ class StageModel(Model):
         self.__dict__["field_cache"] = None
         self.__dict__["occupancy_grid"] = None
         self.field_version, self.cache_version = 0, -1
+        self.render_time: float = 0.0  # time in [0, 1] of a sequence's renders (cameras with `times` set it)
+        self.cache_time: float = 0.0
         for name, element in render_controls(self.render_settings).items():
             setattr(self, f"viewer_{name}", element)
         # Built lazily and kept out of the module tree: LPIPS weights are never part of our checkpoints.
@@ -120,32 +125,53 @@ class StageModel(Model):
         if self.config.field_cache_resolution < 0:
             return None
         stale = self.field_version - self.cache_version >= self.config.field_cache_refresh_steps
-        if self.field_cache is None or stale:
+        if self.field_cache is None or stale or (self.is_sequence() and self.cache_time != self.render_time):
             was_training = self.field.training
             self.field.eval()
-            cache = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution)
+            cache = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution,
+                                       time=self.field_time())
             self.field.train(was_training)
             self.invalidate_field_cache()
             self.__dict__["field_cache"] = cache
-            self.cache_version = self.field_version
+            self.cache_version, self.cache_time = self.field_version, self.render_time
         return self.field_cache
+
+    def is_sequence(self) -> bool:
+        """Whether the field covers several time steps (then renders show `render_time`)."""
+        return getattr(self.field, "num_times", 1) > 1
+
+    def field_time(self) -> Optional[float]:
+        """The time to query the field at: `render_time` for a sequence, None for a single step."""
+        return self.render_time if self.is_sequence() else None
+
+    def set_render_time(self, time: float) -> None:
+        """Show the sequence at `time` in [0, 1] (the occupancy grid then follows the field cache of that time)."""
+        time = min(max(float(time), 0.0), 1.0)
+        if time != self.render_time and self.is_sequence():
+            self.render_time = time
+            if self.config.field_cache_resolution >= 0:
+                self.invalidate_field_cache()
 
     def value_fn(self) -> ValueFn:
         """World points (M, 3) -> normalised values (M,): the field cache when on, else the INR itself."""
         cache = self.cached_field()
         if cache is not None:
             return lambda points: cache(points).clamp(0.0, 1.0)
-        return lambda points: self.field(points).clamp(0.0, 1.0)
+        time = self.field_time()
+        if time is None:
+            return lambda points: self.field(points).clamp(0.0, 1.0)
+        return lambda points: self.field(points, time).clamp(0.0, 1.0)
 
     def color_fn(self) -> ColorFn:
         """Values (M,) -> (rgb (M, 3), sigma (M,)): the transfer function."""
         raise NotImplementedError
 
-    def occupancy_source(self) -> torch.Tensor:
+    def occupancy_source(self) -> Optional[torch.Tensor]:
         """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping):
-        the field cache when on (exact for what is rendered), else the raw voxels the field approximates."""
+        the field cache when on (exact for what is rendered); None: the raw voxels the field approximates, read in
+        z-slabs through the memmap (see `occupancy`)."""
         cache = self.cached_field()
-        return cache.volume if cache is not None else torch.from_numpy(self.volume.normalized_array())
+        return cache.volume if cache is not None else None
 
     def sample_fn(self) -> SampleFn:
         """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""
@@ -156,9 +182,20 @@ class StageModel(Model):
     def occupancy(self, color_fn: ColorFn) -> OccupancyGrid:
         """Macrocell grid of `occupancy_source()`, marked with what `color_fn` makes visible."""
         if self.occupancy_grid is None:
-            grid = OccupancyGrid.from_volume(
-                self.occupancy_source(), self.aabb[1].cpu(), resolution=self.config.occupancy_resolution
-            ).to(self.aabb.device)
+            source, resolution = self.occupancy_source(), self.config.occupancy_resolution
+            if source is not None:
+                grid = OccupancyGrid.from_volume(source, self.aabb[1].cpu(), resolution=resolution)
+            else:  # every step of a sequence: the bounds hold at any time
+                grids = [
+                    OccupancyGrid.from_slabs(lambda z0, z1, v=volume: torch.from_numpy(v.normalized_slab(z0, z1)),
+                                             volume.data.shape, self.aabb[1].cpu(), resolution=resolution)
+                    for volume in self.volumes
+                ]
+                grid = grids[0]
+                for other in grids[1:]:
+                    grid.min_values = torch.minimum(grid.min_values, other.min_values)
+                    grid.max_values = torch.maximum(grid.max_values, other.max_values)
+            grid = grid.to(self.aabb.device)
             self.__dict__["occupancy_grid"] = grid
         return self.occupancy_grid.update(color_fn)
 
@@ -193,7 +230,10 @@ class StageModel(Model):
 
     @torch.no_grad()
     def get_outputs_for_camera_ray_bundle(self, camera_ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
-        """Whole images in large chunks through our renderer (nerfstudio's default chunks are tuned for NeRFs)."""
+        """Whole images in large chunks through our renderer (nerfstudio's default chunks are tuned for NeRFs).
+        A camera with `times` (a sequence's eval views, the viewer's time slider) shows the field at that time."""
+        if camera_ray_bundle.times is not None:
+            self.set_render_time(float(camera_ray_bundle.times.reshape(-1)[0]))
         return render_image(
             camera_ray_bundle.origins,
             camera_ray_bundle.directions,

@@ -72,7 +72,7 @@ class EditModel(StageModel):
 
     def populate_modules(self):
         super().populate_modules()
-        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
+        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field, num_times=len(self.volumes))
         if self.config.stage1_checkpoint is not None:
             self.field.load_state_dict(load_stage1_field_state(self.config.stage1_checkpoint))
         self.field.requires_grad_(False).eval()
@@ -115,13 +115,16 @@ class EditModel(StageModel):
         self.__dict__["clip_loss"] = clip_loss
 
     def render_views(self, cameras: Cameras) -> torch.Tensor:
-        """Differentiable whole-image renderings (K, H, W, 3) of `cameras`, jittered while training."""
-        sample_fn, kwargs = self.sample_fn(), self.render_kwargs()
-        return torch.stack([
-            render_camera(cameras, index, sample_fn, self.aabb, chunk_rays=self.render_chunk_rays(),
-                          stratified=self.training, **kwargs)["rgb"]
-            for index in range(len(cameras))
-        ])
+        """Differentiable whole-image renderings (K, H, W, 3) of `cameras`, jittered while training; a sequence's
+        cameras each show the field at their own time."""
+        images = []
+        for index in range(len(cameras)):
+            if cameras.times is not None:
+                self.set_render_time(float(cameras.times[index].reshape(-1)[0]))
+            sample_fn, kwargs = self.sample_fn(), self.render_kwargs()
+            images.append(render_camera(cameras, index, sample_fn, self.aabb, chunk_rays=self.render_chunk_rays(),
+                                        stratified=self.training, **kwargs)["rgb"])
+        return torch.stack(images)
 
     def get_view_outputs(self, cameras: Cameras) -> Dict[str, torch.Tensor]:
         """Stage 2 trains on whole views (CLIP needs images): rendered `rgb` (K, H, W, 3) of `cameras`."""

@@ -32,8 +32,13 @@ from gridinr_nerfstudio.data.dataparser import VolumeDataParserConfig
 from gridinr_nerfstudio.data.volume_io import Volume
 from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.stages.fit.sequence import SequencePointSampler
+from gridinr_nerfstudio.stages.fit.shuffle import FeistelPermutation
 
 Sampling = Literal["voxels", "continuous"]
+RANDPERM_MAX_VOXELS = 1 << 24
+"""Epochs over more voxels than this use a FeistelPermutation computed on the fly instead of a stored randperm
+(64 MiB of int32 indices at most), so the sampler's memory does not grow with the volume."""
 
 
 class VolumePointSampler:
@@ -57,7 +62,7 @@ class VolumePointSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.dims = torch.tensor(volume.info.dims, dtype=torch.int64)  # (X, Y, Z)
         self.num_voxels = int(self.dims.prod())
-        self.epoch_order: torch.Tensor | None = None  # shuffled voxel indices of the current epoch
+        self.epoch_order: torch.Tensor | FeistelPermutation | None = None  # this epoch's shuffle of the voxels
         self.epoch_position = 0
         self.epoch_seed_state: torch.Tensor | None = None  # generator state the epoch's shuffle was drawn from
         self.dense: DenseGridField | None = None
@@ -83,15 +88,21 @@ class VolumePointSampler:
                 self.epoch_seed_state = self.generator.get_state()
                 self.epoch_order = self._shuffle()
                 self.epoch_position = 0
-            chunk = self.epoch_order[self.epoch_position : self.epoch_position + count]
+            stop = min(self.epoch_position + count, self.num_voxels)
+            if isinstance(self.epoch_order, FeistelPermutation):
+                chunk = self.epoch_order(torch.arange(self.epoch_position, stop, dtype=torch.int64))
+            else:
+                chunk = self.epoch_order[self.epoch_position : stop]
             self.epoch_position += chunk.numel()
             count -= chunk.numel()
             chunks.append(chunk)
         return torch.cat(chunks).sort().values
 
-    def _shuffle(self) -> torch.Tensor:
-        index_dtype = torch.int32 if self.num_voxels < 2**31 else torch.int64  # int32 sorts ~2x faster
-        return torch.randperm(self.num_voxels, generator=self.generator, dtype=index_dtype)
+    def _shuffle(self) -> torch.Tensor | FeistelPermutation:
+        """This epoch's order of the voxels: a stored randperm, or a permutation computed on the fly when large."""
+        if self.num_voxels > RANDPERM_MAX_VOXELS:
+            return FeistelPermutation(self.num_voxels, self.generator)
+        return torch.randperm(self.num_voxels, generator=self.generator, dtype=torch.int32)  # int32 sorts ~2x faster
 
     def get_state(self) -> Dict[str, object]:
         """Where the sampler stands (a few kB: the epoch's shuffle is kept as the state it was drawn from)."""
@@ -205,19 +216,24 @@ class FitDataManager(VanillaDataManager[InputDataset]):
         # device_sampler subclasses VolumePointSampler (defined here), hence the import at the point of use.
         from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler
 
+        volumes = self.train_dataparser_outputs.metadata["volumes"].volume  # the steps of a sequence (or one)
+        samplers = [
+            make_point_sampler(
+                volume,
+                self.aabb,
+                device=device,
+                resident=config.device_resident,
+                sampling=config.sampling,
+                continuous_fraction=config.continuous_fraction,
+                subsample_factor=config.subsample_factor,
+                coarse_steps=int(config.subsample_fraction * config.max_iterations),
+                preload_max_bytes=config.preload_max_bytes // len(volumes),
+                seed=config.seed + local_rank + 1000 * index,
+            )
+            for index, volume in enumerate(volumes)
+        ]
         # Not a registered submodule: the voxels it may hold must not end up in checkpoints.
-        self.__dict__["sampler"] = make_point_sampler(
-            self.volume,
-            self.aabb,
-            device=device,
-            resident=config.device_resident,
-            sampling=config.sampling,
-            continuous_fraction=config.continuous_fraction,
-            subsample_factor=config.subsample_factor,
-            coarse_steps=int(config.subsample_fraction * config.max_iterations),
-            preload_max_bytes=config.preload_max_bytes,
-            seed=config.seed + local_rank,
-        )
+        self.__dict__["sampler"] = samplers[0] if len(samplers) == 1 else SequencePointSampler(samplers)
 
     def setup_train(self):
         """Stage 1 trains on points: no training image loader or pixel sampler is needed."""
@@ -229,6 +245,9 @@ class FitDataManager(VanillaDataManager[InputDataset]):
     def next_train(self, step: int) -> Tuple[torch.Tensor, Dict]:
         """A batch of world positions and their target values."""
         self.train_count += 1
+        if isinstance(self.sampler, SequencePointSampler):  # each point with its step's time
+            points, values, times = self.sampler.batch(self.batch_size, step)
+            return points, {"values": values, "times": times}
         points, values = self.sampler.batch(self.batch_size, step)
         return points, {"values": values}
 

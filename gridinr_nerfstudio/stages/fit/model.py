@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Literal, Type
 import numpy as np
 import torch
 
+from gridinr_nerfstudio.data.timesteps import step_times
 from gridinr_nerfstudio.data.volume_io import Volume
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.stages.base_model import StageModel, StageModelConfig
@@ -39,17 +40,19 @@ class FitModel(StageModel):
 
     def populate_modules(self):
         super().populate_modules()
-        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field)
+        self.field = VolumeField(self.scene_box.aabb.float(), self.config.field, num_times=len(self.volumes))
 
     def color_fn(self):
         return self.transfer_function()
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
-        return {"encoding": list(self.field.encoding.parameters()), "mlp": list(self.field.mlp.parameters())}
+        grids = list(self.field.encoding.parameters()) + self.field.time_parameters()
+        return {"encoding": grids, "mlp": list(self.field.mlp.parameters())}
 
-    def get_point_outputs(self, points: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The field's values (N,) at world points (N, 3) inside the box: stage 1 trains on points, not rays."""
-        return {"value": self.field.forward_unit(self.field.to_unit_cube(points))}
+    def get_point_outputs(self, points: torch.Tensor, times: torch.Tensor | None = None) -> Dict[str, torch.Tensor]:
+        """The field's values (N,) at world points (N, 3) inside the box (at `times` (N,) for a sequence):
+        stage 1 trains on points, not rays."""
+        return {"value": self.field.forward_unit(self.field.to_unit_cube(points), times)}
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         """PSNR of the batch's values (L2 loss only)."""
@@ -64,8 +67,21 @@ class FitModel(StageModel):
         return {"value_loss": error.abs().mean() if self.config.loss == "l1" else error.square().mean()}
 
     def volume_psnr(self) -> float:
-        """PSNR (dB) of the field at every voxel centre of the volume (see `volume_psnr`)."""
-        return volume_psnr(self.field.forward_unit, self.volume, self.aabb.device, self.config.volume_psnr_chunk)
+        """PSNR (dB) of the field at every voxel centre of the volume (see `volume_psnr`); mean over the steps of a
+        sequence."""
+        per_step = self.volume_psnr_per_step()
+        return float(np.mean(list(per_step.values())))
+
+    def volume_psnr_per_step(self) -> Dict[int, float]:
+        """{time step (1-based, as in the file names): volume PSNR (dB)} for each step the field covers."""
+        times = step_times(len(self.volumes)).tolist()
+        result = {}
+        for step, volume, time in zip(self.timesteps, self.volumes, times):
+            def at_time(unit, t=time if len(self.volumes) > 1 else None):
+                return self.field.forward_unit(unit, t)
+
+            result[step] = volume_psnr(at_time, volume, self.aabb.device, self.config.volume_psnr_chunk)
+        return result
 
     def count_parameters(self) -> int:
         return int(sum(p.numel() for p in self.field.parameters()))
@@ -74,11 +90,11 @@ class FitModel(StageModel):
         return int(sum(p.numel() * p.element_size() for p in self.field.parameters()))
 
     def volume_bytes(self) -> int:
-        """Bytes of the raw volume in its own dtype."""
-        return int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize
+        """Bytes of the raw volume in its own dtype (every step of a sequence)."""
+        return int(np.prod(self.volume.info.dims)) * np.dtype(self.volume.info.dtype).itemsize * len(self.volumes)
 
     def compression_ratio(self) -> float:
-        """Volume bytes (in its own dtype) over model bytes."""
+        """Volume bytes (in its own dtype, all steps of a sequence) over model bytes."""
         return self.volume_bytes() / self.model_bytes()
 
 

@@ -30,22 +30,25 @@ class FitPipeline(StagePipeline):
     def get_train_loss_dict(self, step: int):
         """nerfstudio's contract with points for rays: outputs, then `get_metrics_dict` and `get_loss_dict`."""
         points, batch = self.datamanager.next_train(step)
-        outputs = self.model.get_point_outputs(points)
+        outputs = self.model.get_point_outputs(points, batch.get("times"))
         metrics_dict = self.model.get_metrics_dict(outputs, batch)
         return outputs, self.model.get_loss_dict(outputs, batch, metrics_dict), metrics_dict
 
     @torch.no_grad()
     def get_eval_loss_dict(self, step: int):
         points, batch = self.datamanager.next_train(step)
-        outputs = self.model.get_point_outputs(points)
+        outputs = self.model.get_point_outputs(points, batch.get("times"))
         return {}, self.model.get_loss_dict(outputs, batch), {}
 
     def extra_eval_metrics(self) -> dict:
         """Volume PSNR and the sizes behind the compression ratio (raw volume in its dtype, field in fp32 / fp16)."""
         model = self.model
         params = model.count_parameters()
+        per_step = model.volume_psnr_per_step()
+        sequence = {f"volume_psnr_t{step}": psnr for step, psnr in per_step.items()} if len(per_step) > 1 else {}
         return {
-            "volume_psnr": model.volume_psnr(),
+            "volume_psnr": sum(per_step.values()) / len(per_step),
+            **sequence,
             "params": params,
             "compression_ratio": model.compression_ratio(),
             "volume_bytes": model.volume_bytes(),

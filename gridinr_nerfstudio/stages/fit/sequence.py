@@ -1,0 +1,44 @@
+"""Training points of a sequence: every batch holds points of every selected step, each with its step's time."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from gridinr_nerfstudio.data.timesteps import step_times
+
+
+class SequencePointSampler:
+    """One point sampler per step (see `VolumePointSampler`); a batch splits evenly across the steps."""
+
+    def __init__(self, samplers: list):
+        self.samplers = samplers
+        self.times = step_times(len(samplers)).tolist()
+        self.dense = samplers[0].dense  # whether the steps are preloaded (all alike)
+
+    def batch(self, count: int, step: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(points (count, 3), values (count,), times (count,)) on the samplers' device."""
+        steps = len(self.samplers)
+        shares = [count // steps + (index < count % steps) for index in range(steps)]
+        points, values, times = [], [], []
+        for sampler, time, share in zip(self.samplers, self.times, shares):
+            if share == 0:
+                continue
+            step_points, step_values = sampler.batch(share, step)
+            points.append(step_points)
+            values.append(step_values)
+            times.append(torch.full((step_points.shape[0],), time, device=step_points.device))
+        return torch.cat(points), torch.cat(values), torch.cat(times)
+
+    def get_state(self) -> dict:
+        """Where every step's sampler stands (saved with checkpoints, see `VolumePointSampler.get_state`)."""
+        return {"steps": [sampler.get_state() for sampler in self.samplers]}
+
+    def set_state(self, state: dict) -> None:
+        for sampler, step_state in zip(self.samplers, state["steps"]):
+            sampler.set_state(step_state)
+
+    def values_at(self, points: torch.Tensor) -> torch.Tensor:
+        """Values of the first step (as for a single step)."""
+        return self.samplers[0].values_at(points)
