@@ -80,7 +80,7 @@ def test_fit_rejects_what_info_rejects(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("option, value, words", [
-    ("batch_size", 0, "--pipeline.datamanager.batch-size must be at least 1"),
+    ("batch_size", -1, "--pipeline.datamanager.batch-size (or 0 for the device's default) must be at least 1"),
     ("image_size", 0, "--pipeline.datamanager.dataparser.image-size must be at least 1"),
     ("num_train_views", 0, "num-train-views must be at least 1"),
     ("max_num_iterations", 0, "--max-num-iterations must be at least 1"),

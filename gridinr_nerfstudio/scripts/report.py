@@ -96,7 +96,8 @@ def _train_panels(train_log: dict[str, tuple[list[int], list[float]]]) -> dict[s
 def _eval_groups(metric_names: list[str], rows: list[dict[str, str]]) -> dict[str, list[str]]:
     """Evaluation panels: metrics in dB, metrics in [0, 1]-ish units; speed figures and spreads are not panels."""
     quality = [name for name in metric_names if not name.endswith("_std") and not name.startswith(
-        ("fps", "ms_per_frame", "rays_per_s", "num_rays", "eval_seconds", "params", "compression"))]
+        ("fps", "ms_per_frame", "rays_per_s", "num_rays", "eval_seconds", "params", "compression", "volume_bytes",
+         "model_bytes"))]
     decibels = [name for name in quality if "psnr" in name]
     unit = [name for name in quality if name not in decibels]
     return {title: names for title, names in (("evaluation: PSNR (dB), last evaluation +- std", decibels),

@@ -41,7 +41,8 @@ def check_dataparser(dataparser, data: Optional[Path] = None) -> None:
 
 def check_fit(pipeline) -> None:
     datamanager = pipeline.datamanager
-    _at_least(datamanager.batch_size, 1, "--pipeline.datamanager.batch-size")
+    if datamanager.batch_size != 0:  # 0: the device's default (device_defaults.py)
+        _at_least(datamanager.batch_size, 1, "--pipeline.datamanager.batch-size (or 0 for the device's default)")
     check_dataparser(datamanager.dataparser, datamanager.data)
 
 

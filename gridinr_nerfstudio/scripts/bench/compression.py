@@ -31,6 +31,7 @@ from gridinr_nerfstudio.export.model import half_precision_copy
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.fit import Contender
+from gridinr_nerfstudio.scripts.bench.timing import Clock
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
@@ -106,7 +107,8 @@ def train(settings: VolumeFieldSettings, volume: Volume, aabb: torch.Tensor, sec
     torch.manual_seed(0)
     sampler = VolumePointSampler(volume, aabb, sampling=method.pipeline.datamanager.sampling,
                                  continuous_fraction=method.pipeline.datamanager.continuous_fraction, subsample_factor=1)
-    contender = Contender("ours", VolumeField(aabb, settings), method, lr_finals, None, sampler, aabb)
+    contender = Contender("ours", VolumeField(aabb, settings), method, lr_finals, None, sampler, aabb,
+                          Clock(torch.device("cpu")))
     while contender.seconds < seconds:
         contender.step(batch, min(contender.seconds / seconds, 1.0))
     return contender
