@@ -162,3 +162,29 @@ gridinr_edit = MethodSpecification(
     config=edit_trainer_config(),
     description="Stage 2: edit a fitted volume's look (transfer MLP) with CLIP and pixel losses through DVR.",
 )
+
+EDIT_FAST_ITERATIONS = 100
+
+
+def edit_fast_trainer_config() -> GridINRTrainerConfig:
+    """Stage 2 in minutes on a CPU with a ViT-B-16 (`gridinr-bench edit`): renders at half the reference size,
+    one CLIP crop per step, the directional loss (changes only what the prompt asks for, so few steps suffice),
+    a 10x learning rate, few iterations, intermediate renders twice per run."""
+    config = edit_trainer_config()
+    config.method_name = "gridinr-edit-fast"
+    config.max_num_iterations = EDIT_FAST_ITERATIONS
+    config.steps_per_eval_image = config.steps_per_eval_batch = EDIT_FAST_ITERATIONS + 1
+    config.steps_per_eval_all_images = config.steps_per_save = EDIT_FAST_ITERATIONS
+    pipeline = config.pipeline
+    pipeline.steps_per_render = EDIT_FAST_ITERATIONS // 2
+    pipeline.datamanager.train_image_scale = 0.5
+    pipeline.model.clip_crops = 1
+    pipeline.model.directional = True
+    config.optimizers["transfer_mlp"]["optimizer"].lr = 5e-3
+    return config
+
+
+gridinr_edit_fast = MethodSpecification(
+    config=edit_fast_trainer_config(),
+    description="Stage 2, fast profile: a CLIP edit in minutes on a CPU (half-size renders, 1 crop, directional loss).",
+)
