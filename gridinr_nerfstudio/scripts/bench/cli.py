@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-BENCHMARKS = ("encoding", "fit", "render", "edit")
+BENCHMARKS = ("encoding", "fit", "render", "edit", "sweep")
 
 
 def available_benchmarks() -> dict[str, ModuleType]:
