@@ -69,3 +69,32 @@ def test_fast_profile_renders_fewer_pixels_and_one_directional_crop(tiny_fit_run
     assert rendered.shape == batch["image"].shape
     # Rendering the half-size camera shows the same picture as the references at that size.
     assert float((rendered.clamp(0, 1) - batch["image"]).square().mean()) < 0.01
+
+
+def test_early_ray_termination_keeps_training_renders_and_gradients(tiny_fit_run: Path):
+    """Dropping rays below 1e-4 transmittance changes neither the training render nor the MLP gradient visibly."""
+    config = edit_trainer_config()
+    config.pipeline.stage1_config = tiny_fit_run
+    config.pipeline.model.lam_clip = 0.0
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+    model = pipeline.model
+    cameras, _ = pipeline.datamanager.next_train(0)
+    outcomes = []
+    for eps in (0.0, 1e-2):  # 1e-2 rather than the default 1e-4, so that rays of the tiny run do stop
+        model.config.train_early_stop_eps = eps
+        model.transfer_mlp.zero_grad()
+        torch.manual_seed(0)  # same stratified jitter
+        image = model.render_views(cameras)
+        (image * torch.linspace(0, 1, 3)).sum().backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.transfer_mlp.parameters()])
+        outcomes.append((image.detach(), grads))
+    (full, full_grads), (stopped, stopped_grads) = outcomes
+    assert float((full - stopped).abs().max()) <= 1e-2 + 1e-6  # a stopped ray misses less than eps of its colour
+    assert float((full_grads - stopped_grads).norm() / full_grads.norm()) < 0.05
+    # Without autograd the accelerated render (skipping empty macrocells too) shows the same image.
+    model.eval()
+    with torch.no_grad():
+        accelerated = model.render_views(cameras)
+        model.config.accelerate = False
+        plain = model.render_views(cameras)
+    assert float((accelerated - plain).abs().max()) < 1e-3

@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="local open_clip weights file (random weights give the real cost)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default; 1 is steadier on a shared 2-core machine, see gridinr-bench fit)")
     return parser
 
 
@@ -102,6 +104,8 @@ class Contender:
 def run(args: argparse.Namespace) -> dict:
     if args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     stage1 = stage1_config_of(args.load_config)
     tick = time.perf_counter()
     clip = load_clip(args.clip_model, args.clip_weights, device=args.device)
