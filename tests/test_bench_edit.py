@@ -33,6 +33,9 @@ def test_edit_benchmark_reports_both_profiles_and_the_clip_floor(tiny_fit_run: P
     # The total is the sum of its measured parts, and the steps part is iterations x seconds per step.
     assert fast["total_seconds"] == pytest.approx(sum(fast["total_parts"].values()))
     assert fast["total_parts"]["steps"] == pytest.approx(fast["iterations"] * fast["seconds_per_iteration"])
+    assert fast["total_cpu_seconds"] == pytest.approx(sum(fast["total_parts_cpu"].values()))
+    for row in (results["default"], fast, results["clip_floor"], fast["clip_floor"]):
+        assert 0 < row["cpu_seconds_per_iteration"]
     assert results["default"]["x_clip_floor"] == pytest.approx(
         results["default"]["seconds_per_iteration"] / results["clip_floor"]["seconds_per_iteration"])
     printed = capsys.readouterr().out

@@ -9,7 +9,8 @@ Contenders, on one stage-1 run and one CLIP model (loaded once, shared):
   the same for the fast profile.
 
 Steps alternate between the contenders (after one untimed warm-up step each), so load from other
-processes hits all of them alike. ``fast.total_seconds`` estimates the whole ``gridinr-edit-fast`` run from
+processes hits all of them alike. Each step is timed in wall seconds and in CPU seconds of the calling thread;
+with one torch thread (the default) the latter holds all of the step's work and hardly depends on the load. ``fast.total_seconds`` estimates the whole ``gridinr-edit-fast`` run from
 its measured setup, its steps, its intermediate renders and its final evaluation renders.
 """
 
@@ -73,9 +74,9 @@ class Contender:
         config.stage1_config = stage1
         model_config = config.model
         lam_clip, model_config.lam_clip = model_config.lam_clip, 0.0  # no second copy of CLIP: ours is shared
-        started = time.perf_counter()
-        self.pipeline = config.setup(device=device, test_mode="val")
-        self.setup_seconds = time.perf_counter() - started
+        holder = {}
+        self.setup_seconds = timed(lambda: holder.setdefault("pipeline", config.setup(device=device, test_mode="val")))
+        self.pipeline = holder["pipeline"]
         self.pipeline.model.config.lam_clip = lam_clip
         self.pipeline.model.set_clip_loss(make_clip_loss(clip, self.pipeline.model.config))
         self.optimizers = Optimizers(self.trainer.optimizers, self.pipeline.get_param_groups())
@@ -95,10 +96,13 @@ class Contender:
         images = references.clone().requires_grad_(True)
         self.pipeline.model.clip_loss(images, reference_images=references).backward()
 
-    def timed(self, what) -> float:
-        tick = time.perf_counter()
-        what()
-        return time.perf_counter() - tick
+
+
+def timed(what) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of this thread (with one torch thread, all of the step's work) of `what()`."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    what()
+    return time.perf_counter() - wall, time.thread_time() - cpu
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -107,9 +111,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     stage1 = stage1_config_of(args.load_config)
-    tick = time.perf_counter()
-    clip = load_clip(args.clip_model, args.clip_weights, device=args.device)
-    clip_load_seconds = time.perf_counter() - tick
+    holder = {}
+    clip_load_seconds = timed(lambda: holder.setdefault("clip", load_clip(args.clip_model, args.clip_weights, device=args.device)))
+    clip = holder["clip"]
     contenders = {name: Contender(name, stage1, clip, args.device) for name in PROFILES}
     timings = {
         "default": contenders["default"].step,
@@ -118,34 +122,42 @@ def run(args: argparse.Namespace) -> dict:
         "fast_clip_floor": contenders["fast"].clip_floor_step,
     }
     seconds = {name: 0.0 for name in timings}
+    cpu_seconds = {name: 0.0 for name in timings}
     for what in timings.values():  # warm-up: first-call allocations and lazy field-cache decoding
         what()
     for _ in range(args.steps):
         for name, what in timings.items():
-            seconds[name] += contenders["default"].timed(what)
+            wall, cpu = timed(what)
+            seconds[name] += wall
+            cpu_seconds[name] += cpu
     per_step = {name: total / args.steps for name, total in seconds.items()}
+    cpu_per_step = {name: total / args.steps for name, total in cpu_seconds.items()}
 
     fast = contenders["fast"]
     iterations = fast.trainer.max_num_iterations
-    tick = time.perf_counter()
-    fast.pipeline.render_eval_views(4)
-    four_views = time.perf_counter() - tick
+    four_views = timed(lambda: fast.pipeline.render_eval_views(4))
     eval_views = len(fast.pipeline.datamanager.eval_dataset)
     intermediate = iterations // max(1, fast.pipeline.config.steps_per_render)
     # Final evaluation: every eval view rendered twice (nerfstudio's image metrics, then CLIP scores).
-    eval_seconds = 2.0 * four_views / 4.0 * eval_views
-    total = clip_load_seconds + fast.setup_seconds + iterations * per_step["fast"] + intermediate * four_views + eval_seconds
+    parts = {clock: {"clip_load": clip_load_seconds[clock], "setup": fast.setup_seconds[clock],
+                     "steps": iterations * (per_step, cpu_per_step)[clock]["fast"],
+                     "intermediate_renders": intermediate * four_views[clock],
+                     "final_eval_renders": 2.0 * four_views[clock] / 4.0 * eval_views} for clock in (0, 1)}
+    total, total_cpu = sum(parts[0].values()), sum(parts[1].values())
     results = {
         "default": {"seconds_per_iteration": per_step["default"],
+                    "cpu_seconds_per_iteration": cpu_per_step["default"],
                     "x_clip_floor": per_step["default"] / per_step["clip_floor"],
+                    "x_clip_floor_cpu": cpu_per_step["default"] / cpu_per_step["clip_floor"],
                     "iterations": contenders["default"].trainer.max_num_iterations},
         "fast": {"seconds_per_iteration": per_step["fast"], "iterations": iterations, "total_seconds": total,
-                 "clip_floor": {"seconds_per_iteration": per_step["fast_clip_floor"]},
+                 "cpu_seconds_per_iteration": cpu_per_step["fast"],
+                 "clip_floor": {"seconds_per_iteration": per_step["fast_clip_floor"],
+                                "cpu_seconds_per_iteration": cpu_per_step["fast_clip_floor"]},
                  "x_clip_floor": per_step["fast"] / per_step["fast_clip_floor"],
-                 "total_parts": {"clip_load": clip_load_seconds, "setup": fast.setup_seconds,
-                                 "steps": iterations * per_step["fast"], "intermediate_renders": intermediate * four_views,
-                                 "final_eval_renders": eval_seconds}},
-        "clip_floor": {"seconds_per_iteration": per_step["clip_floor"]},
+                 "x_clip_floor_cpu": cpu_per_step["fast"] / cpu_per_step["fast_clip_floor"],
+                 "total_cpu_seconds": total_cpu, "total_parts": parts[0], "total_parts_cpu": parts[1]},
+        "clip_floor": {"seconds_per_iteration": per_step["clip_floor"], "cpu_seconds_per_iteration": cpu_per_step["clip_floor"]},
         "config": {"clip_model": args.clip_model, "steps": args.steps, "threads": torch.get_num_threads(),
                    "device": args.device, "stage1_config": str(stage1)},
     }
@@ -157,13 +169,16 @@ def print_table(results: dict) -> None:
     config = results["config"]
     print(f"CLIP {config['clip_model']}, {config['steps']} timed steps per contender (alternated), "
           f"torch threads {config['threads']}, device {config['device']}")
-    print(f"{'contender':<22}{'s/step':>10}{'x CLIP floor':>14}")
-    rows = [("default", results["default"]["seconds_per_iteration"], results["default"]["x_clip_floor"]),
-            ("clip_floor (default)", results["clip_floor"]["seconds_per_iteration"], 1.0),
-            ("fast", results["fast"]["seconds_per_iteration"], results["fast"]["x_clip_floor"]),
-            ("clip_floor (fast)", results["fast"]["clip_floor"]["seconds_per_iteration"], 1.0)]
-    for name, seconds, ratio in rows:
-        print(f"{name:<22}{seconds:>10.3f}{ratio:>14.2f}")
+    print(f"{'contender':<22}{'s/step':>10}{'x CLIP floor':>14}{'CPU s/step':>12}{'x floor (CPU)':>15}")
+    default, fast = results["default"], results["fast"]
+    rows = [("default", default, default["x_clip_floor"], default["x_clip_floor_cpu"]),
+            ("clip_floor (default)", results["clip_floor"], 1.0, 1.0),
+            ("fast", fast, fast["x_clip_floor"], fast["x_clip_floor_cpu"]),
+            ("clip_floor (fast)", fast["clip_floor"], 1.0, 1.0)]
+    for name, row, ratio, cpu_ratio in rows:
+        print(f"{name:<22}{row['seconds_per_iteration']:>10.3f}{ratio:>14.2f}"
+              f"{row['cpu_seconds_per_iteration']:>12.3f}{cpu_ratio:>15.2f}")
     fast = results["fast"]
     parts = ", ".join(f"{key} {value:.1f} s" for key, value in fast["total_parts"].items())
-    print(f"fast profile, {fast['iterations']} iterations: about {fast['total_seconds']:.0f} s in all ({parts})")
+    print(f"fast profile, {fast['iterations']} iterations: about {fast['total_seconds']:.0f} s in all ({parts}); "
+          f"CPU seconds of the main thread {fast['total_cpu_seconds']:.0f}")

@@ -4,7 +4,9 @@ Each variant changes a few settings of the ``gridinr-fit`` defaults (field sizes
 continuous fraction). On each volume every variant trains in the same process with its own clock, its own
 optimizers (the method's, learning rate decaying log-linearly over the budget) and its own sampler with the same
 seed; the variant that is behind in its own time steps next, so load from other processes hits all of them
-alike (``gridinr-bench fit``'s protocol, with N contenders). Volume PSNR at native resolution is measured
+alike (``gridinr-bench fit``'s protocol, with N contenders). With one torch thread (the default) the budget is
+CPU time of the training thread (``time.thread_time``), not wall time: on a machine shared with other work a
+variant then gets the steps it would get alone on one core, whatever the load (with more threads: wall time). Volume PSNR at native resolution is measured
 outside the clocks. ``--markdown`` writes the table (one row per variant, one column per volume, the mean and
 the worst margin to the best variant per volume) for docs/.
 """
@@ -83,19 +85,23 @@ def sweep_volume(data: str, names: list[str], seconds: float) -> dict:
         contenders.append(Contender(name, VolumeField(aabb, settings), variant_method, lr_finals, None, sampler, aabb))
         batches[name] = overrides.get("batch", datamanager.batch_size)
     started = time.perf_counter()
+    cpu = {c.name: 0.0 for c in contenders}  # CPU seconds of this thread (see module docstring)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     while True:
-        pending = [c for c in contenders if c.seconds < seconds]
+        pending = [c for c in contenders if cpu[c.name] < seconds]
         if not pending:
             break
-        contender = min(pending, key=lambda c: c.seconds)
-        contender.step(batches[contender.name], min(contender.seconds / seconds, 1.0))
+        contender = min(pending, key=lambda c: cpu[c.name])
+        tick = clock()
+        contender.step(batches[contender.name], min(cpu[contender.name] / seconds, 1.0))
+        cpu[contender.name] += clock() - tick
     wall = time.perf_counter() - started
     rows = {}
     for contender in contenders:
         rows[contender.name] = {
             "volume_psnr_db": volume_psnr(contender.model.eval().forward_unit, volume),
             "iterations": contender.iterations,
-            "train_points_per_s": contender.iterations * batches[contender.name] / contender.seconds,
+            "train_points_per_s": contender.iterations * batches[contender.name] / cpu[contender.name],
         }
     print(f"{volume.info.name} {volume.info.dims}: {len(names)} variants x {seconds:g} s in {wall:.0f} s wall", flush=True)
     for name, row in rows.items():
@@ -139,7 +145,8 @@ def summarise(volumes: dict, names: list[str]) -> dict:
 def markdown_table(results: dict) -> str:
     volumes, summary = results["volumes"], results["summary"]
     labels = [Path(data).name or data for data in volumes]
-    lines = [f"Volume PSNR (dB) after {results['config']['seconds']:g} s of training per variant, "
+    clock = "CPU seconds of the training thread" if results["config"]["threads"] == 1 else "wall-clock seconds"
+    lines = [f"Volume PSNR (dB) after {results['config']['seconds']:g} {clock} of training per variant, "
              f"{results['config']['threads']} torch thread(s), variants alternated in one process.", "",
              "| variant | " + " | ".join(labels) + " | mean | worst margin to best |",
              "| --- |" + " ---: |" * (len(labels) + 2)]
