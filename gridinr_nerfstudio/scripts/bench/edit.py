@@ -97,7 +97,6 @@ class Contender:
         self.pipeline.model.clip_loss(images, reference_images=references).backward()
 
 
-
 def timed(what) -> tuple[float, float]:
     """Wall seconds and CPU seconds of this thread (with one torch thread, all of the step's work) of `what()`."""
     wall, cpu = time.perf_counter(), time.thread_time()
