@@ -99,10 +99,20 @@ FIT_ITERATIONS = 1000
 EDIT_ITERATIONS = 1000
 
 
+def use_cpu_field_defaults(config: GridINRTrainerConfig) -> GridINRTrainerConfig:
+    """On a CPU the field defaults to 8 levels x 1 feature and a linear decoder (instant-ngp's 16 x 2 and 2 x 64
+    MLP elsewhere): at an equal CPU-time budget it took 4-5x more steps and led every volume of the sweep by
+    9-19 dB (docs/cpu_profiles.md, `gridinr-bench sweep`); rendering the INR itself is about 2x cheaper too."""
+    if config.machine.device_type == "cpu":
+        field_settings = config.pipeline.model.field
+        field_settings.num_levels, field_settings.features_per_level, field_settings.num_hidden_layers = 8, 1, 0
+    return config
+
+
 def fit_trainer_config() -> GridINRTrainerConfig:
-    """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks")."""
+    """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks"; docs/cpu_profiles.md)."""
     schedule = LogLinearDecaySchedulerConfig(lr_final=1e-4, max_steps=FIT_ITERATIONS)
-    return GridINRTrainerConfig(
+    return use_cpu_field_defaults(GridINRTrainerConfig(
         method_name="gridinr-fit",
         max_num_iterations=FIT_ITERATIONS,
         steps_per_eval_batch=500,
@@ -126,7 +136,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
             },
         },
         vis="viewer",
-    )
+    ))
 
 
 gridinr_fit = MethodSpecification(

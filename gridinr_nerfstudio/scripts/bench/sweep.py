@@ -24,15 +24,17 @@ import torch
 
 from gridinr_nerfstudio.data.default_volume import open_data
 from gridinr_nerfstudio.data.volume_io import scene_aabb
-from gridinr_nerfstudio.fields.volume_field import VolumeField
+from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.fit import Contender
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
-# name -> overrides of the defaults: field settings by name, plus "batch", "lr", "lr_final", "continuous_fraction".
+# name -> overrides of the base: the field's class defaults (instant-ngp's 16 levels x 2 features, 2^21 table,
+# MLP 2 x 64, whatever the machine) with gridinr-fit's batch, learning rates and sampling. Overrides are field
+# settings by name, plus "batch", "lr", "lr_final", "continuous_fraction".
 VARIANTS: dict[str, dict] = {
-    "default": {},
+    "16x2_mlp2x64": {},  # the defaults before this sweep
     "compact_8x1_linear": {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0},
     "8x2": {"num_levels": 8, "features_per_level": 2},
     "16x1": {"features_per_level": 1},
@@ -67,7 +69,7 @@ def sweep_volume(data: str, names: list[str], seconds: float) -> dict:
     volume = open_data(data)
     aabb = scene_aabb(volume)
     method = fit_trainer_config()
-    base_field = method.pipeline.model.field
+    base_field = VolumeFieldSettings()
     datamanager = method.pipeline.datamanager
     contenders, batches = [], {}
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def summarise(volumes: dict, names: list[str]) -> dict:
 def markdown_table(results: dict) -> str:
     volumes, summary = results["volumes"], results["summary"]
     labels = [Path(data).name or data for data in volumes]
-    clock = "CPU seconds of the training thread" if results["config"]["threads"] == 1 else "wall-clock seconds"
+    clock = "CPU seconds (training thread)" if results["config"]["threads"] == 1 else "wall-clock seconds"
     lines = [f"Volume PSNR (dB) after {results['config']['seconds']:g} {clock} of training per variant, "
              f"{results['config']['threads']} torch thread(s), variants alternated in one process.", "",
              "| variant | " + " | ".join(labels) + " | mean | worst margin to best |",
