@@ -43,7 +43,9 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
     config.pipeline.datamanager.batch_size = 1 << 14 if full_field else 1 << 12
     if not full_field:
         field = config.pipeline.model.field
+        # Every size spelled out: the tiny field does not follow the machine's defaults (compact on a CPU).
         field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
+        field.features_per_level, field.num_hidden_layers = 2, 2
     ns_train_main(config)
     return config.get_base_dir() / "config.yml"
 
