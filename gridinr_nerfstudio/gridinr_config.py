@@ -139,10 +139,20 @@ FIT_ITERATIONS = 1000
 EDIT_ITERATIONS = 1000
 
 
+def use_cpu_field_defaults(config: GridINRTrainerConfig) -> GridINRTrainerConfig:
+    """On a CPU the field defaults to 8 levels x 1 feature and a linear decoder (instant-ngp's 16 x 2 and 2 x 64
+    MLP elsewhere): at an equal CPU-time budget it took 4-5x more steps and led every volume of the sweep by
+    9-19 dB (docs/cpu_profiles.md, `gridinr-bench sweep`); rendering the INR itself is about 2x cheaper too."""
+    if config.machine.device_type == "cpu":
+        field_settings = config.pipeline.model.field
+        field_settings.num_levels, field_settings.features_per_level, field_settings.num_hidden_layers = 8, 1, 0
+    return config
+
+
 def fit_trainer_config() -> GridINRTrainerConfig:
-    """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks")."""
+    """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks"; docs/cpu_profiles.md)."""
     schedule = LogLinearDecaySchedulerConfig(lr_final=1e-4, max_steps=FIT_ITERATIONS)
-    return GridINRTrainerConfig(
+    return use_cpu_field_defaults(GridINRTrainerConfig(
         method_name="gridinr-fit",
         max_num_iterations=FIT_ITERATIONS,
         steps_per_eval_batch=500,
@@ -167,7 +177,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
             },
         },
         vis="viewer",
-    )
+    ))
 
 
 gridinr_fit = MethodSpecification(
@@ -203,4 +213,30 @@ def edit_trainer_config() -> GridINRTrainerConfig:
 gridinr_edit = MethodSpecification(
     config=edit_trainer_config(),
     description="Stage 2: edit a fitted volume's look (transfer MLP) with CLIP and pixel losses through DVR.",
+)
+
+EDIT_FAST_ITERATIONS = 100
+
+
+def edit_fast_trainer_config() -> GridINRTrainerConfig:
+    """Stage 2 in minutes on a CPU with a ViT-B-16 (`gridinr-bench edit`): renders at half the reference size,
+    one CLIP crop per step, the directional loss (changes only what the prompt asks for, so few steps suffice),
+    a 10x learning rate, few iterations, intermediate renders twice per run."""
+    config = edit_trainer_config()
+    config.method_name = "gridinr-edit-fast"
+    config.max_num_iterations = EDIT_FAST_ITERATIONS
+    config.steps_per_eval_image = config.steps_per_eval_batch = EDIT_FAST_ITERATIONS + 1
+    config.steps_per_eval_all_images = config.steps_per_save = EDIT_FAST_ITERATIONS
+    pipeline = config.pipeline
+    pipeline.steps_per_render = EDIT_FAST_ITERATIONS // 2
+    pipeline.datamanager.train_image_scale = 0.5
+    pipeline.model.clip_crops = 1
+    pipeline.model.directional = True
+    config.optimizers["transfer_mlp"]["optimizer"].lr = 5e-3
+    return config
+
+
+gridinr_edit_fast = MethodSpecification(
+    config=edit_fast_trainer_config(),
+    description="Stage 2, fast profile: a CLIP edit in minutes on a CPU (half-size renders, 1 crop, directional loss).",
 )

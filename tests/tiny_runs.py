@@ -67,7 +67,9 @@ def train_tiny_fit(output_dir: Path, data: Path = BUILTIN_DEFAULT, iterations: i
         setattr(config.pipeline.datamanager, key, value)
     if not full_field:
         field = config.pipeline.model.field
+        # Every size spelled out: the tiny field does not follow the machine's defaults (compact on a CPU).
         field.num_levels, field.log2_hashmap_size, field.max_resolution, field.hidden_dim = 8, 14, 64, 32
+        field.features_per_level, field.num_hidden_layers = 2, 2
     if configure is not None:
         configure(config)
     run_ns_train(config)

@@ -58,7 +58,9 @@ class EditModelConfig(StageModelConfig):
     clip_weights: Optional[Path] = None
     """Local open_clip weights file (overrides clip_pretrained)."""
     clip_crops: int = 4
-    """Random resized crops per rendered view fed to CLIP."""
+    """Random resized crops per rendered view fed to CLIP (all crops of a step go through CLIP as one batch)."""
+    train_early_stop_eps: float = 1e-4
+    """Training renders drop a ray once its transmittance falls below this (0: march every sample)."""
     second_clip_model: Optional[str] = None
     """A second CLIP model (name) for evaluation only, e.g. ViT-B-32; used when its weights are available."""
     second_clip_pretrained: str = "laion2b_s34b_b79k"
@@ -116,12 +118,20 @@ class EditModel(StageModel):
 
     def render_views(self, cameras: Cameras) -> torch.Tensor:
         """Differentiable whole-image renderings (K, H, W, 3) of `cameras`, jittered while training; a sequence's
-        cameras each show the field at their own time."""
+        cameras each show the field at their own time.
+
+        Rays stop once their transmittance is below `train_early_stop_eps` (what follows changes their colour,
+        and the gradient through it, by less than that); renders without autograd (intermediate and evaluation
+        renders) also skip empty macrocells when `accelerate` is on."""
+        with_grad = torch.is_grad_enabled()
         images = []
         for index in range(len(cameras)):
             if cameras.times is not None:
                 self.set_render_time(float(cameras.times[index].reshape(-1)[0]))
-            sample_fn, kwargs = self.sample_fn(), self.render_kwargs()
+            sample_fn = self.sample_fn()
+            kwargs = self.render_kwargs(accelerate=self.config.accelerate and not with_grad)
+            if with_grad:
+                kwargs["early_stop_eps"] = self.config.train_early_stop_eps
             images.append(render_camera(cameras, index, sample_fn, self.aabb, chunk_rays=self.render_chunk_rays(),
                                         stratified=self.training, **kwargs)["rgb"])
         return torch.stack(images)

@@ -94,6 +94,18 @@ def adopt_stage1_run(config: EditPipelineConfig):
     return stage1
 
 
+def make_clip_loss(clip: LoadedClip, config: EditModelConfig) -> ClipLoss:
+    """The CLIP loss the model config asks for (target, directional or global, crops), on a loaded CLIP."""
+    return ClipLoss(
+        clip,
+        target_text=None if config.target_image else config.prompt,
+        target_image=config.target_image,
+        directional=config.directional,
+        source_text=config.source_prompt,
+        crops_per_image=config.clip_crops,
+    )
+
+
 class EditPipeline(StagePipeline):
     """Trains the transfer MLP on whole rendered views."""
 
@@ -121,14 +133,7 @@ class EditPipeline(StagePipeline):
                     raise  # training with a CLIP term needs the weights: stop at once with the explanation
                 self.clip_unavailable_reason = str(error)
         if self.clip is not None:
-            model.set_clip_loss(ClipLoss(
-                self.clip,
-                target_text=None if model.config.target_image else model.config.prompt,
-                target_image=model.config.target_image,
-                directional=model.config.directional,
-                source_text=model.config.source_prompt,
-                crops_per_image=model.config.clip_crops,
-            ))
+            model.set_clip_loss(make_clip_loss(self.clip, model.config))
         self.second_clip = self._load_second_clip() if not training else None
 
     def _load_second_clip(self) -> Optional[LoadedClip]:
