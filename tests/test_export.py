@@ -280,7 +280,7 @@ def test_bad_inputs_fail_with_one_line(int_volume_run, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert "cannot write" in one_error_line(
         capsys, ["model", "--load-config", config, "--output", str(tmp_path / "a-file" / "m.safetensors")])
-    assert "time step 1 only" in one_error_line(
+    assert "fitted to time step(s) 1, got --timestep 2" in one_error_line(
         capsys, ["volume", "--load-config", config, "--timestep", "2", "--output", str(tmp_path / "v.nrrd")])
     (tmp_path / "junk.safetensors").write_bytes(b"not a model")
     assert "not a safetensors file" in one_error_line(

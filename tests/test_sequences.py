@@ -176,3 +176,33 @@ def test_stage2_trains_on_a_sequence(sequence_run, tmp_path):
     cameras = pipeline.datamanager.eval_dataset.cameras
     first, last = model.render_views(cameras[0:1]), model.render_views(cameras[len(cameras) - 1 :])
     assert model.render_time == 1.0 and (first - last).abs().mean() > 0.005
+
+
+def test_export_decodes_any_step_of_a_sequence(sequence_run, sequence_pipeline, tmp_path, capsys):
+    """gridinr-export volume --timestep T decodes step T of a sequence field (from the run, or from its model
+    file); a step outside the run fails in one line."""
+    from gridinr_nerfstudio.scripts.export import main as export_main
+
+    field = sequence_pipeline.model.field
+    size = moving_ball_frames()[0].shape[0]
+    grid = torch.linspace(0, 1, size)
+    zz, yy, xx = torch.meshgrid(grid, grid, grid, indexing="ij")
+    unit = torch.stack([xx, yy, zz], -1).reshape(-1, 3)
+    model_file = tmp_path / "field.safetensors"
+    assert export_main(["model", "--load-config", str(sequence_run), "--output", str(model_file), "--no-psnr"]) == 0
+    decoded = {}
+    for step in (2, 3):
+        with torch.no_grad():
+            expected = field.forward_unit(unit, (step - 1) / (STEPS - 1)).clamp(0, 1).reshape(size, size, size).numpy()
+        for origin in (["--load-config", str(sequence_run)], ["--model", str(model_file)]):
+            output = tmp_path / f"step{step}-{origin[0].strip('-')}.npy"
+            assert export_main(["volume", *origin, "--timestep", str(step), "--units", "normalized",
+                                "--output", str(output)]) == 0
+            decoded[step] = np.load(output)
+            np.testing.assert_allclose(decoded[step], expected, atol=1e-5)
+    assert np.abs(decoded[2] - decoded[3]).max() > 0.1  # the ball moved
+    capsys.readouterr()
+    assert export_main(["volume", "--load-config", str(sequence_run), "--timestep", "4",
+                        "--output", str(tmp_path / "bad.npy")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "time step(s) 1, 2, 3, got --timestep 4" in error[0]

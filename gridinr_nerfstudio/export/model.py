@@ -67,7 +67,8 @@ def save_model(source: ExportSource, output: Path, half: bool = False, measure_p
         state = {key: value if key == "aabb" else value.half() for key, value in state.items()}
     settings = asdict(field.settings)
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "field_settings": json.dumps(settings),
-                "volume": json.dumps(source.meta.to_json()), "source": source.origin}
+                "volume": json.dumps(source.meta.to_json()), "source": source.origin,
+                "timesteps": json.dumps(list(source.timesteps))}
     try:
         save_file(state, str(output), metadata=metadata)
     except OSError as error:
@@ -104,9 +105,10 @@ def load_model(path: Path) -> ExportSource:
     try:
         settings = VolumeFieldSettings(**{**json.loads(metadata["field_settings"]), "backend": "auto"})
         meta = VolumeMeta.from_json(json.loads(metadata["volume"]))
-        field = VolumeField(state["aabb"].float(), settings)
+        timesteps = tuple(int(step) for step in json.loads(metadata.get("timesteps", "[]")))
+        field = VolumeField(state["aabb"].float(), settings, num_times=max(len(timesteps), 1))
         field.load_state_dict({key: value.float() for key, value in state.items()})
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ExportError(f"{path}: malformed gridinr field file ({' '.join(str(error).split())[:300]})") from None
     field.requires_grad_(False).eval()
-    return ExportSource(field=field, meta=meta, origin=f"model file {path}")
+    return ExportSource(field=field, meta=meta, origin=f"model file {path}", timesteps=timesteps)

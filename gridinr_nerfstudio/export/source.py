@@ -9,11 +9,13 @@ sits at unit coordinate i / (n - 1) and at physical position i * spacing (origin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
+from torch import nn
 
 
 class ExportError(Exception):
@@ -80,12 +82,40 @@ class ExportSource:
     origin: str  # "gridinr-fit run PATH", "gridinr-edit run PATH" or "model file PATH"
     volume: Optional[Any] = None  # data.volume_io.Volume
     model: Optional[Any] = None  # stages.base_model.StageModel
+    timesteps: tuple[int, ...] = ()  # a sequence field's steps (file numbering); () for a one-step field
 
-    def check_timestep(self, timestep: Optional[int]) -> None:
-        """Fields are fitted to one time step: only that one can be exported."""
-        if timestep is not None and timestep != self.meta.timestep:
-            raise ExportError(f"{self.origin}: the field was fitted to time step {self.meta.timestep} only, "
-                              f"got --timestep {timestep} (time-varying fields are not supported yet)")
+    def at_timestep(self, timestep: Optional[int]) -> "ExportSource":
+        """The field at one time step (1-based, as in the file names): any step of a sequence field, or the one step
+        a single-step field was fitted to. None: the single step, or a sequence's first step."""
+        steps = self.timesteps or (self.meta.timestep,)
+        if timestep is None:
+            timestep = steps[0]
+        if timestep not in steps:
+            raise ExportError(f"{self.origin}: the field was fitted to time step(s) {', '.join(map(str, steps))}, "
+                              f"got --timestep {timestep}")
+        if len(steps) == 1:
+            return self
+        from gridinr_nerfstudio.data.timesteps import step_times
+
+        index = steps.index(timestep)
+        volume = self.model.volumes[index] if self.model is not None else None
+        return replace(self, field=FieldAtTime(self.field, float(step_times(len(steps))[index])),
+                       meta=replace(self.meta, timestep=timestep), volume=volume, timesteps=())
+
+
+class FieldAtTime(nn.Module):
+    """A sequence field seen at one time, with the interface the exporters decode (`forward_unit`, `aabb`)."""
+
+    def __init__(self, field: nn.Module, time: float):
+        super().__init__()
+        self.field, self.time = field, time
+
+    @property
+    def aabb(self) -> torch.Tensor:
+        return self.field.aabb
+
+    def forward_unit(self, unit_points: torch.Tensor) -> torch.Tensor:
+        return self.field.forward_unit(unit_points, self.time)
 
 
 def from_run(config_path: Path) -> ExportSource:
@@ -104,5 +134,7 @@ def from_run(config_path: Path) -> ExportSource:
     if not isinstance(model, StageModel):
         raise ExportError(f"{config_path}: not a gridinr run (model {type(model).__name__})")
     model.field.eval()
+    timesteps = tuple(int(step) for step in model.timesteps) if len(model.timesteps) > 1 else ()
     return ExportSource(field=model.field, meta=VolumeMeta.from_volume(model.volume),
-                        origin=f"{config.method_name} run {config_path}", volume=model.volume, model=model)
+                        origin=f"{config.method_name} run {config_path}", volume=model.volume, model=model,
+                        timesteps=timesteps)

@@ -27,7 +27,8 @@ def _add_grid(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--resolution", type=int, help="voxels along the longest axis (others in proportion)")
     grid.add_argument("--dims", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output grid size")
-    parser.add_argument("--timestep", type=int, help="time step (1-based); a field is fitted to one: only that one")
+    parser.add_argument("--timestep", type=int, help="time step (1-based, as in the file names) of a sequence run "
+                        "(default: its first); a single-step run has only its own")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +72,9 @@ def _load_source(args: argparse.Namespace):
     from gridinr_nerfstudio.export.source import from_run
 
     source = load_model(args.model) if getattr(args, "model", None) is not None else from_run(args.load_config)
-    source.check_timestep(getattr(args, "timestep", None))
-    return source
+    if args.command == "model":
+        return source  # the whole field, every step of a sequence
+    return source.at_timestep(getattr(args, "timestep", None))
 
 
 def _fmt_bytes(count: int) -> str:
