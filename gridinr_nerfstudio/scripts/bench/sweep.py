@@ -24,9 +24,11 @@ import torch
 
 from gridinr_nerfstudio.data.default_volume import open_data
 from gridinr_nerfstudio.data.volume_io import scene_aabb
+from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.fit import Contender
+from gridinr_nerfstudio.scripts.bench.timing import Clock
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
@@ -84,8 +86,9 @@ def sweep_volume(data: str, names: list[str], seconds: float) -> dict:
             lr_finals[group_name] = overrides.get("lr_final", group["scheduler"].lr_final)
         sampler = VolumePointSampler(volume, aabb, sampling=datamanager.sampling, subsample_factor=1,
                                      continuous_fraction=overrides.get("continuous_fraction", datamanager.continuous_fraction))
-        contenders.append(Contender(name, VolumeField(aabb, settings), variant_method, lr_finals, None, sampler, aabb))
-        batches[name] = overrides.get("batch", datamanager.batch_size)
+        contenders.append(Contender(name, VolumeField(aabb, settings), variant_method, lr_finals, None, sampler, aabb,
+                                    Clock(torch.device("cpu"))))
+        batches[name] = overrides.get("batch", resolve(datamanager.batch_size, "batch_size", "cpu"))
     started = time.perf_counter()
     cpu = {c.name: 0.0 for c in contenders}  # CPU seconds of this thread (see module docstring)
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
