@@ -70,6 +70,17 @@ def write_raw_dataset(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+@pytest.fixture
+def small_volume(write_raw_dataset):
+    """A 7 x 5 x 3 (X, Y, Z) int16 volume with distinct values, anisotropic spacing: axis mix-ups show."""
+    rng = np.random.default_rng(0)
+    voxels = rng.permutation(7 * 5 * 3).reshape(3, 5, 7).astype(np.int16) * 3 - 50  # (Z, Y, X)
+    from gridinr_nerfstudio.data.volume_io import open_volume
+
+    volume = open_volume(write_raw_dataset({"v": [voxels]}, spacing=[1.0, 2.0, 0.5]))
+    return volume, voxels
+
+
 def _coded_array(shape_zyx: tuple[int, int, int], step: int = 1, dtype: str = "float32") -> np.ndarray:
     """Values that name their voxel: x + 10 y + 100 z + 1000 (step - 1), so orientation mistakes show."""
     z, y, x = np.meshgrid(*(np.arange(n) for n in shape_zyx), indexing="ij")

@@ -12,8 +12,7 @@ import pytest
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
-from gridinr_nerfstudio.scripts import demo
-from gridinr_nerfstudio.scripts import report
+from gridinr_nerfstudio.scripts import demo, report
 
 
 def test_demo_step_shows_step_eta_loss_and_psnr(tmp_path: Path, capsys) -> None:

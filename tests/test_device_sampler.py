@@ -5,25 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from checks import voxel_coordinates
 
-from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
+from gridinr_nerfstudio.data.volume_io import scene_aabb
 from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
 from gridinr_nerfstudio.stages.fit.device_sampler import DeviceVolumePointSampler, make_point_sampler, resident_fits
-
-
-@pytest.fixture
-def small_volume(write_raw_dataset):
-    """A 7 x 5 x 3 (X, Y, Z) int16 volume with distinct values, anisotropic spacing: axis mix-ups show."""
-    rng = np.random.default_rng(0)
-    voxels = rng.permutation(7 * 5 * 3).reshape(3, 5, 7).astype(np.int16) * 3 - 50  # (Z, Y, X)
-    volume = open_volume(write_raw_dataset({"v": [voxels]}, spacing=[1.0, 2.0, 0.5]))
-    return volume, voxels
-
-
-def _voxel_coordinates(volume, aabb: torch.Tensor, points: torch.Tensor) -> np.ndarray:
-    dims = np.asarray(volume.info.dims, dtype=np.float64)
-    low, high = aabb[0].double().numpy(), aabb[1].double().numpy()
-    return (points.double().numpy() - low) / (high - low) * (dims - 1)
 
 
 def _device_sampler(volume, **kwargs) -> DeviceVolumePointSampler:
@@ -63,7 +49,7 @@ def test_batches_mix_exact_centres_and_trilinear_points(small_volume):
     sampler = _device_sampler(volume, continuous_fraction=0.25, subsample_factor=1)
     points, values = sampler.batch(100, step=0)
     assert points.device == values.device == torch.device("cpu") and points.shape == (100, 3)
-    coordinates = _voxel_coordinates(volume, aabb, points)
+    coordinates = voxel_coordinates(volume, aabb, points)
     off_centre = np.abs(coordinates - np.rint(coordinates)).max(axis=1) > 1e-3
     assert not off_centre[:75].any() and off_centre[75:].all()
     index = np.rint(coordinates[:75]).astype(np.int64)
@@ -77,10 +63,10 @@ def test_coarse_phase_continuous_sampling_and_seeds(small_volume):
     aabb = scene_aabb(volume)
     sampler = _device_sampler(volume, subsample_factor=2, coarse_steps=3)
     coarse, _ = sampler.batch(200, step=2)
-    assert (np.rint(_voxel_coordinates(volume, aabb, coarse)).astype(np.int64) % 2 == 0).all()
+    assert (np.rint(voxel_coordinates(volume, aabb, coarse)).astype(np.int64) % 2 == 0).all()
     continuous = _device_sampler(volume, sampling="continuous", subsample_factor=1)
     points, values = continuous.batch(64, step=0)
-    assert np.allclose(values.numpy(), volume.sample_normalized(_voxel_coordinates(volume, aabb, points)), atol=1e-5)
+    assert np.allclose(values.numpy(), volume.sample_normalized(voxel_coordinates(volume, aabb, points)), atol=1e-5)
     first, second = (_device_sampler(volume, seed=5).batch(30, step=0)[0] for _ in range(2))
     assert torch.equal(first, second)
 
@@ -105,5 +91,5 @@ def test_datamanager_option(small_volume, tmp_path):
     manager = config.setup(device="cpu")
     assert isinstance(manager.sampler, DeviceVolumePointSampler)
     points, batch = manager.next_train(step=0)
-    assert len({tuple(v) for v in np.rint(_voxel_coordinates(volume, manager.aabb, points)).astype(int)}) == 105
+    assert len({tuple(v) for v in np.rint(voxel_coordinates(volume, manager.aabb, points)).astype(int)}) == 105
     torch.testing.assert_close(batch["values"], manager.values_at(points), rtol=0, atol=1e-5)

@@ -289,10 +289,9 @@ def test_bad_inputs_fail_with_one_line(int_volume_run, tmp_path, capsys):
 
 
 def test_python_m_entry_point(tmp_path):
+    import os
     import subprocess
     import sys
-
-    import os
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-m", "gridinr_nerfstudio.scripts.export", "volume", "--model",

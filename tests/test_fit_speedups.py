@@ -7,25 +7,10 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from checks import voxel_coordinates
 
-from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
+from gridinr_nerfstudio.data.volume_io import scene_aabb
 from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
-
-
-@pytest.fixture
-def small_volume(write_raw_dataset):
-    """A 7 x 5 x 3 (X, Y, Z) int16 volume with distinct values, anisotropic spacing: axis mix-ups show."""
-    rng = np.random.default_rng(0)
-    voxels = rng.permutation(7 * 5 * 3).reshape(3, 5, 7).astype(np.int16) * 3 - 50  # (Z, Y, X)
-    volume = open_volume(write_raw_dataset({"v": [voxels]}, spacing=[1.0, 2.0, 0.5]))
-    return volume, voxels
-
-
-def _voxel_coordinates(volume, aabb: torch.Tensor, points: torch.Tensor) -> np.ndarray:
-    """World points -> continuous voxel indices (x, y, z), by DESIGN.md's formula."""
-    dims = np.asarray(volume.info.dims, dtype=np.float64)
-    low, high = aabb[0].double().numpy(), aabb[1].double().numpy()
-    return (points.double().numpy() - low) / (high - low) * (dims - 1)
 
 
 @pytest.mark.parametrize("preload", [True, False])
@@ -35,7 +20,7 @@ def test_voxel_batches_are_voxel_centres_with_exact_targets(small_volume, preloa
     sampler = VolumePointSampler(volume, aabb, sampling="voxels", subsample_factor=1,
                                  preload_max_bytes=(1 << 40) if preload else 0)
     points, values = sampler.batch(40, step=0)
-    coordinates = _voxel_coordinates(volume, aabb, points)
+    coordinates = voxel_coordinates(volume, aabb, points)
     index = np.rint(coordinates).astype(np.int64)
     assert np.allclose(coordinates, index, atol=1e-4)
     reference = (voxels.astype(np.float64) - voxels.min()) / (voxels.max() - voxels.min())
@@ -61,10 +46,10 @@ def test_coarse_phase_then_voxel_epochs(small_volume):
     aabb = scene_aabb(volume)
     sampler = VolumePointSampler(volume, aabb, sampling="voxels", subsample_factor=2, coarse_steps=3)
     coarse, _ = sampler.batch(200, step=2)
-    index = np.rint(_voxel_coordinates(volume, aabb, coarse)).astype(np.int64)
+    index = np.rint(voxel_coordinates(volume, aabb, coarse)).astype(np.int64)
     assert (index % 2 == 0).all()
     fine, _ = sampler.batch(105, step=3)
-    fine_index = np.rint(_voxel_coordinates(volume, aabb, fine)).astype(np.int64)
+    fine_index = np.rint(voxel_coordinates(volume, aabb, fine)).astype(np.int64)
     assert len({tuple(v) for v in fine_index}) == 105  # one full epoch: every voxel once
 
 
@@ -74,7 +59,7 @@ def test_continuous_fraction_mixes_trilinear_points_into_voxel_batches(small_vol
     sampler = VolumePointSampler(volume, aabb, sampling="voxels", continuous_fraction=0.25, subsample_factor=1)
     points, values = sampler.batch(100, step=0)
     assert points.shape == (100, 3) and values.shape == (100,)
-    coordinates = _voxel_coordinates(volume, aabb, points)
+    coordinates = voxel_coordinates(volume, aabb, points)
     off_centre = np.abs(coordinates - np.rint(coordinates)).max(axis=1) > 1e-3
     assert not off_centre[:75].any() and off_centre[75:].all()  # 75 voxel centres, then 25 continuous points
     assert ((points >= aabb[0]) & (points <= aabb[1])).all()
@@ -96,7 +81,7 @@ def test_sampling_option_reaches_the_datamanager_and_is_validated(small_volume, 
     config.dataparser.cache_dir = tmp_path
     manager = config.setup(device="cpu")
     points, batch = manager.next_train(step=0)
-    coordinates = _voxel_coordinates(volume, manager.aabb, points)
+    coordinates = voxel_coordinates(volume, manager.aabb, points)
     assert np.allclose(coordinates, np.rint(coordinates), atol=1e-4)
     assert len({tuple(v) for v in np.rint(coordinates).astype(int)}) == 105
     assert torch.allclose(batch["values"], manager.values_at(points), atol=1e-5)

@@ -10,6 +10,7 @@ import io
 
 import pytest
 import torch
+from checks import compare_encodings
 
 from gridinr_nerfstudio.fields.hash_grid import _backend
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
@@ -43,19 +44,7 @@ def _points(n: int = 5000) -> torch.Tensor:
 
 
 def _compare(reference, other, points, rtol=1e-4, atol=1e-4) -> None:
-    upstream = torch.randn(points.shape[0], reference.get_out_dim(), device="cuda",
-                           generator=torch.Generator(device="cuda").manual_seed(1))
-    results = []
-    for encoding in (reference, other):
-        positions = points.clone().requires_grad_(True)
-        encoded = encoding(positions)
-        (encoded * upstream).sum().backward()
-        results.append((encoded.detach(), encoding.params.grad, positions.grad))
-    (expected, expected_table, expected_positions), (encoded, table, positions_grad) = results
-    torch.testing.assert_close(encoded, expected, rtol=rtol, atol=atol)
-    torch.testing.assert_close(table, expected_table, rtol=rtol, atol=atol)
-    scale = expected_positions.abs().max()
-    torch.testing.assert_close(positions_grad / scale, expected_positions / scale, rtol=rtol, atol=atol)
+    compare_encodings(reference, other, points, rtol=rtol, atol=atol)
 
 
 @requires_triton

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from checks import compare_encodings
 
 from gridinr_nerfstudio.fields.hash_grid import _backend
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
@@ -55,20 +56,8 @@ def _points(encoding: HashGridEncoding, outside: bool = False) -> torch.Tensor:
     return torch.cat(parts).to(encoding.params.dtype)
 
 
-def _compare(reference, triton_encoding, points, rtol=1e-5, atol=1e-5) -> None:
-    upstream = torch.randn(points.shape[0], reference.get_out_dim(), generator=torch.Generator().manual_seed(1),
-                           dtype=points.dtype)
-    results = []
-    for encoding in (reference, triton_encoding):
-        positions = points.clone().requires_grad_(True)
-        encoded = encoding(positions)
-        (encoded * upstream).sum().backward()
-        results.append((encoded.detach(), encoding.params.grad, positions.grad))
-    (expected, expected_table, expected_positions), (encoded, table, positions_grad) = results
-    torch.testing.assert_close(encoded, expected, rtol=rtol, atol=atol)
-    torch.testing.assert_close(table, expected_table, rtol=rtol, atol=atol)
-    scale = expected_positions.abs().max()  # sums of O(scale) terms over levels: compare relative to the largest
-    torch.testing.assert_close(positions_grad / scale, expected_positions / scale, rtol=rtol, atol=atol)
+def _compare(reference, other, points, rtol=1e-5, atol=1e-5) -> None:
+    compare_encodings(reference, other, points, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("features", [1, 2, 4, 8])

@@ -76,7 +76,6 @@ def test_tiny_preload_limit_never_loads_the_whole_volume(small_dataset, tmp_path
     """Training, reference renders, eval renders without the field cache and volume PSNR all work through the memmap:
     the whole-volume read is forbidden, and the results match the numbers computed from the whole array."""
     from nerfstudio.utils.eval_utils import eval_setup
-
     from tiny_runs import train_tiny_fit
 
     reference = open_volume(small_dataset).normalized_array().astype(np.float64)

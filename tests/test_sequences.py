@@ -166,7 +166,6 @@ def test_one_step_selected_by_timesteps_equals_timestep(tmp_path, sequence_data)
 def test_stage2_trains_on_a_sequence(sequence_run, tmp_path):
     """gridinr-edit on a sequence run: the frozen field keeps its per-step grids and each view renders its step."""
     from nerfstudio.utils.eval_utils import eval_setup
-
     from tiny_runs import train_tiny_edit
 
     config = train_tiny_edit(tmp_path / "edit", sequence_run, iterations=2, lam_clip=0.0)
