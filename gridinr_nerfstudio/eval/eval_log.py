@@ -35,6 +35,15 @@ def _format_value(name: str, value: object) -> str:
         raise ValueError(f"metric '{name}' must be a number or None, got {value!r}") from error
 
 
+def read_metrics_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Columns and rows of a metrics CSV; ValueError naming the file when its header is not ours."""
+    with Path(csv_path).open(newline="") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames is None or tuple(reader.fieldnames[:3]) != KEY_COLUMNS:
+            raise ValueError(f"{csv_path}: not a metrics CSV (header must start with {', '.join(KEY_COLUMNS)})")
+        return list(reader.fieldnames), list(reader)
+
+
 def append_metrics_row(csv_path: Path, run: str, stage: str, step: int, metrics: Mapping[str, object]) -> None:
     """Append one row; metrics are numbers (float, int, 0-d tensor) or None for unavailable."""
     csv_path = Path(csv_path)
@@ -44,12 +53,7 @@ def append_metrics_row(csv_path: Path, run: str, stage: str, step: int, metrics:
     rows: list[dict[str, str]] = []
     columns = list(KEY_COLUMNS)
     if csv_path.is_file() and csv_path.stat().st_size > 0:
-        with csv_path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            if reader.fieldnames is None or tuple(reader.fieldnames[:3]) != KEY_COLUMNS:
-                raise ValueError(f"{csv_path}: not a metrics CSV (header must start with {', '.join(KEY_COLUMNS)})")
-            columns = list(reader.fieldnames)
-            rows = list(reader)
+        columns, rows = read_metrics_csv(csv_path)
     new_columns = [name for name in metrics if name not in columns]
     row = {"run": run, "stage": stage, "step": str(int(step))}
     row.update({name: _format_value(name, value) for name, value in metrics.items()})

@@ -21,7 +21,6 @@ The last value of every metric per (run, stage) is printed, and the metrics with
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from collections import defaultdict
@@ -30,7 +29,7 @@ from pathlib import Path
 import imageio.v3 as iio
 from matplotlib.figure import Figure
 
-from gridinr_nerfstudio.eval.eval_log import KEY_COLUMNS
+from gridinr_nerfstudio.eval.eval_log import read_metrics_csv
 
 TRAIN_LOG_NAME = "train_log.csv"  # eval/train_log.py (imported lazily: it imports nerfstudio's writer)
 
@@ -49,12 +48,12 @@ def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
     metric_names: list[str] = []
     rows: list[dict[str, str]] = []
     for csv_path in csv_paths:
-        with csv_path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            if reader.fieldnames is None or tuple(reader.fieldnames[:3]) != KEY_COLUMNS:
-                raise ReportError(f"{csv_path}: not a metrics CSV (header must start with {', '.join(KEY_COLUMNS)})")
-            metric_names += [name for name in reader.fieldnames[3:] if name not in metric_names]
-            rows += list(reader)
+        try:
+            columns, csv_rows = read_metrics_csv(csv_path)
+        except ValueError as error:
+            raise ReportError(str(error)) from None
+        metric_names += [name for name in columns[3:] if name not in metric_names]
+        rows += csv_rows
     if not metric_names:
         raise ReportError(f"{run_dir}: the metrics CSVs have no metric columns")
     return metric_names, rows
