@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from gridinr_nerfstudio.eval.train_log import ETA_NAME, read_train_log
-from gridinr_nerfstudio.gridinr_config import FIT_ITERATIONS
+from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.stages.edit.clip_loss import ClipWeightsUnavailable, resolve_clip_weights
 
 
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"))
     parser.add_argument("--data", default="builtin-default", help="volume to use (default: the built-in volume)")
-    parser.add_argument("--fit-iterations", type=int, default=FIT_ITERATIONS, help="stage-1 iterations (gridinr-fit's default)")
+    parser.add_argument("--fit-iterations", type=int, default=fit_trainer_config().max_num_iterations,
+                        help="stage-1 iterations (gridinr-fit's default on this machine)")
     parser.add_argument("--edit-iterations", type=int, default=60)
     parser.add_argument("--prompt", default="a glowing orange molecule")
     args = parser.parse_args(argv)
