@@ -16,8 +16,20 @@ try:
 except ImportError:
     cpp = None
 
-_tcnn_module = None
-_triton_module = None
+_LAZY_MODULES: dict[str, object] = {}
+"""Optional modules imported on first use: the module, or False when it cannot be imported here."""
+TCNN_MODULE = "tinycudann"
+TRITON_MODULE = "gridinr_nerfstudio.fields.hash_grid._triton"
+
+
+def _lazy_module(name: str):
+    """``name`` imported once (the module), or False when the import fails on this machine."""
+    if name not in _LAZY_MODULES:
+        try:
+            _LAZY_MODULES[name] = importlib.import_module(name)
+        except (ImportError, OSError, RuntimeError):
+            _LAZY_MODULES[name] = False
+    return _LAZY_MODULES[name]
 
 
 def cpp_extension_available() -> bool:
@@ -27,34 +39,22 @@ def cpp_extension_available() -> bool:
 
 def tcnn_available() -> bool:
     """True when ``import tinycudann`` works (it needs CUDA)."""
-    global _tcnn_module
-    if _tcnn_module is None:
-        try:
-            _tcnn_module = importlib.import_module("tinycudann")
-        except (ImportError, OSError, RuntimeError):
-            _tcnn_module = False
-    return _tcnn_module is not False
+    return _lazy_module(TCNN_MODULE) is not False
 
 
 def triton_available() -> bool:
     """True when our Triton kernels import (triton ships with CUDA builds of torch)."""
-    global _triton_module
-    if _triton_module is None:
-        try:
-            _triton_module = importlib.import_module("gridinr_nerfstudio.fields.hash_grid._triton")
-        except (ImportError, OSError, RuntimeError):
-            _triton_module = False
-    return _triton_module is not False
+    return _lazy_module(TRITON_MODULE) is not False
 
 
 def triton_module():
     """The imported ``_triton`` kernels module (call ``triton_available()`` first)."""
-    return _triton_module
+    return _lazy_module(TRITON_MODULE)
 
 
 def tcnn_module():
     """The imported ``tinycudann`` module (call ``tcnn_available()`` first)."""
-    return _tcnn_module
+    return _lazy_module(TCNN_MODULE)
 
 
 # Zeroed gradient buffers handed back by HashGridAdam after its step, keyed by parameter. Reusing one saves

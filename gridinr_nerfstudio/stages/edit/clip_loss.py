@@ -52,7 +52,8 @@ class ClipWeightsError(ValueError):
 def clip_weights_errors(model_name: str, weights_path: Path):
     """Turn what torch/open_clip raise on a bad weights file into one ClipWeightsError line naming the file.
 
-    torch's own message for a non-checkpoint suggests `weights_only=False` (running the file's code): never do that.
+    torch's own message for a non-checkpoint suggests turning weights-only loading off (running the file's
+    code): we never do that.
     """
     try:
         yield
