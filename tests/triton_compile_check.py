@@ -23,6 +23,7 @@ except ImportError as error:
     sys.exit(3)
 
 from gridinr_nerfstudio.fields.hash_grid import _triton as kernels  # noqa: E402
+from gridinr_nerfstudio.fields.hash_grid import _triton_fused as fused  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -41,6 +42,18 @@ def signatures(dtype: str) -> list[tuple]:
     ]
 
 
+# Fused field inference: (levels, features, hidden layers, padded width) of the compact CPU field (8 x 1, linear
+# decoder), the default field (16 x 2, two hidden layers of 64) and a one-hidden-layer field of width 16.
+FUSED_SHAPES = ((8, 1, 0, 1), (16, 2, 2, 64), (4, 4, 1, 16))
+
+
+def fused_signature(dtype: str) -> dict:
+    return {"pos_ptr": f"*{dtype}", "params_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "scales_ptr": f"*{dtype}",
+            "info_ptr": "*i64", **{name: f"*{dtype}" for name in ("w_in_ptr", "b_in_ptr", "w_hid_ptr", "b_hid_ptr",
+                                                                   "w_out_ptr", "b_out_ptr")},
+            "n": "i32", "shift": "fp32"}
+
+
 def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
     try:
         source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
@@ -56,6 +69,13 @@ def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
     print(f"{fn.__name__} {constexprs}: {len(compiled.asm['ptx'])} chars of PTX", flush=True)
 
 
+def _decoder(inputs: int, hidden: int, width: int) -> list:
+    import torch
+
+    sizes = [inputs] + [width] * hidden + [1]
+    return [torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])]
+
+
 def main() -> None:
     features = [int(f) for f in (sys.argv[1] if len(sys.argv) > 1 else "1,2,4,8").split(",")]
     dtypes = (sys.argv[2] if len(sys.argv) > 2 else "fp32,fp64").split(",")
@@ -67,6 +87,13 @@ def main() -> None:
                        {"param_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "exp_avg_ptr": f"*{dtype}",
                         "exp_avg_sq_ptr": f"*{dtype}", "n": "i64", "step_size": "fp32", "beta1": "fp32",
                         "beta2": "fp32", "eps": "fp32"}, {"BLOCK_N": 1024})
+        for levels, per_level, hidden, width in FUSED_SHAPES:
+            padded = fused.padded_sizes(levels, per_level, _decoder(levels * per_level, hidden, width))
+            precisions = ("ieee", "tf32") if dtype == "fp32" and hidden else ("ieee",)
+            for precision in precisions:
+                compile_kernel(fused._fused_field_kernel, fused_signature(dtype),
+                               {"L": levels, "L_PAD": padded[0], "F": per_level, "HIDDEN": hidden, "H_PAD": padded[1],
+                                "DOT_PRECISION": precision, "BLOCK_N": fused.BLOCK})
     print("all kernels compiled for sm_90")
 
 

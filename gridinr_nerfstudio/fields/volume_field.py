@@ -113,7 +113,8 @@ class VolumeField(nn.Module):
         (sequences; None: the first step).
 
         When no gradient is wanted (rendering a frozen or evaluated field of one step) the encoding and the MLP run
-        fused per block of points on the C++ backend (see `HashGridEncoding.fused_decode`); otherwise through autograd.
+        fused per block of points on the C++ and Triton backends (see `HashGridEncoding.fused_decode`); otherwise
+        through autograd.
         """
         if self.num_times > 1:
             features = self.encoding(unit_points)

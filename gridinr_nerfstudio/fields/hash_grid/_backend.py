@@ -20,6 +20,7 @@ _LAZY_MODULES: dict[str, object] = {}
 """Optional modules imported on first use: the module, or False when it cannot be imported here."""
 TCNN_MODULE = "tinycudann"
 TRITON_MODULE = "gridinr_nerfstudio.fields.hash_grid._triton"
+TRITON_FUSED_MODULE = "gridinr_nerfstudio.fields.hash_grid._triton_fused"
 
 
 def _lazy_module(name: str):
@@ -50,6 +51,11 @@ def triton_available() -> bool:
 def triton_module():
     """The imported ``_triton`` kernels module (call ``triton_available()`` first)."""
     return _lazy_module(TRITON_MODULE)
+
+
+def triton_fused_module():
+    """The imported ``_triton_fused`` module (fused field inference), or False when it cannot be imported."""
+    return _lazy_module(TRITON_FUSED_MODULE)
 
 
 def tcnn_module():

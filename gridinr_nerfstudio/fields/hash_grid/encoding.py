@@ -6,8 +6,8 @@ backends behind the same interface:
 
 - ``"tcnn"``: tiny-cuda-nn (``tinycudann.Encoding``) for CUDA tensors, when it imports;
 - ``"cpp"``: our C++/OpenMP kernels (``csrc/hash_grid.cpp``) for CPU tensors, when the extension is built;
-- ``"triton"``: our Triton kernels (``_triton.py``) for CUDA tensors (CPU tensors too when the kernels were
-  loaded under ``TRITON_INTERPRET=1``, which is how the tests check them);
+- ``"triton"``: our Triton kernels (``_triton.py``; fused inference in ``_triton_fused.py``) for CUDA tensors
+  (CPU tensors too when the kernels were loaded under ``TRITON_INTERPRET=1``, which is how the tests check them);
 - ``"torch"``: pure PyTorch, any device (the fallback, and the readable statement of the math).
 
 ``backend="auto"`` picks, per call: on CUDA tcnn if it imports, else triton, else torch; on CPU cpp if built, else
@@ -41,6 +41,7 @@ table-sized gradient is allocated and zeroed per step.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import numpy as np
@@ -59,6 +60,8 @@ from gridinr_nerfstudio.fields.hash_grid.geometry import (
 Backend = Literal["auto", "tcnn", "triton", "cpp", "torch"]
 BACKENDS = ("auto", "tcnn", "triton", "cpp", "torch")
 Convention = Literal["tcnn", "nerfstudio"]
+FUSED_TRITON_ENV = "GRIDINR_FUSED_TRITON"
+"""Set to ``0`` to keep ``fused_decode`` off the fused Triton kernel (encoding kernel + torch MLP instead)."""
 
 
 class _HashGridCppFunction(torch.autograd.Function):
@@ -143,6 +146,7 @@ class HashGridEncoding(nn.Module):
         self._kernel_arguments = self.geometry.kernel_arguments()
         self._tcnn_encoding = None  # created on first CUDA call; not a submodule, ``params`` is the only state
         self._triton_tables: dict = {}  # (device, dtype) -> level tables for the Triton kernels (not state)
+        self.fused_triton = True  # fused_decode may use the fused Triton kernel (see fused_decode; not in the state dict)
         params = torch.empty(self.geometry.num_entries * features_per_level).uniform_(-init_scale, init_scale)
         self.params = nn.Parameter(params)
 
@@ -203,10 +207,7 @@ class HashGridEncoding(nn.Module):
         if backend == "tcnn":
             encoded = self._tcnn_forward(flat)
         elif backend == "triton":
-            key = (flat.device, flat.dtype)
-            if key not in self._triton_tables:
-                self._triton_tables[key] = _backend.triton_module().level_table(self.geometry, flat.device, flat.dtype)
-            scales, info = self._triton_tables[key]
+            scales, info = self._triton_level_table(flat)
             encoded = _backend.triton_module().HashGridTritonFunction.apply(
                 flat, self.params, scales, info, float(self.geometry.shift), self.features_per_level
             )
@@ -218,25 +219,56 @@ class HashGridEncoding(nn.Module):
         return encoded.reshape(*batch_shape, self.get_out_dim())
 
     def fused_decode(self, positions: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor | None:
-        """Inference only: ``decoder(encoding(positions))`` (N,) in one C++ pass, or None where it does not apply.
+        """Inference only: ``decoder(encoding(positions))`` (N,) in one fused pass, or None where it does not apply.
 
-        ``layers`` are the decoder's linear layers with ReLU between them and one output at the end. The fused
-        kernel runs the decoder on each block of 256 encoded points while they sit in cache; it applies on the
-        cpp backend to (N, 3) positions and layers of the table's dtype, and computes no gradients.
+        ``layers`` are the decoder's linear layers with ReLU between them and one output at the end. On the cpp
+        backend the C++ ``field_forward`` runs the decoder on each block of 256 encoded points while they sit in
+        cache; on the triton backend ``_triton_fused`` encodes a block of points into registers and runs the
+        decoder with ``tl.dot`` (hidden widths up to 128, zero-padded to powers of two). Both apply to (N, 3)
+        positions and layers of the table's dtype, and compute no gradients. The Triton one can be switched off
+        (``fused_triton = False`` on the encoding, or ``GRIDINR_FUSED_TRITON=0`` in the environment): then the
+        caller runs the encoding kernel and the torch MLP.
         """
-        if positions.dim() != 2 or positions.shape[-1] != 3 or self.backend_for(positions.device) != "cpp":
+        if positions.dim() != 2 or positions.shape[-1] != 3:
+            return None
+        backend = self.backend_for(positions.device)
+        if backend not in ("cpp", "triton") or (backend == "triton" and not self.fused_triton_enabled()):
             return None
         dtype = self.params.dtype
         if not layers or any(layer.weight.dtype != dtype for layer in layers) or layers[-1].out_features != 1:
             return None
+        if positions.device != self.params.device:
+            raise RuntimeError(
+                f"HashGridEncoding: positions on {positions.device} but params on {self.params.device} (move the module)"
+            )
+        flat = positions.to(dtype).contiguous()
+        if backend == "triton":
+            scales, info = self._triton_level_table(flat)
+            return _backend.triton_fused_module().fused_field_forward(
+                flat, self.params.detach(), scales, info, float(self.geometry.shift), self.features_per_level, layers
+            )
         scales, level_info, shift = self._kernel_arguments
         with torch.no_grad():
             return _backend.cpp.field_forward(
-                positions.to(dtype).contiguous(), self.params.detach(), scales, level_info, shift,
+                flat, self.params.detach(), scales, level_info, shift,
                 self.features_per_level,
                 [layer.weight.detach().t().contiguous() for layer in layers],
                 [layer.bias.detach() if layer.bias is not None else self.params.new_empty(0) for layer in layers],
             )
+
+    def fused_triton_enabled(self) -> bool:
+        """Whether ``fused_decode`` may use the fused Triton kernel: the ``fused_triton`` attribute (default True)
+        and ``GRIDINR_FUSED_TRITON`` (``0`` switches it off for every encoding), and the kernel imports."""
+        if not getattr(self, "fused_triton", True) or os.environ.get(FUSED_TRITON_ENV, "1") == "0":
+            return False
+        return _backend.triton_fused_module() is not False
+
+    def _triton_level_table(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level scales and info of the Triton kernels on the positions' device and dtype (cached)."""
+        key = (flat.device, flat.dtype)
+        if key not in self._triton_tables:
+            self._triton_tables[key] = _backend.triton_module().level_table(self.geometry, flat.device, flat.dtype)
+        return self._triton_tables[key]
 
     def _tcnn_forward(self, positions: torch.Tensor) -> torch.Tensor:
         """tiny-cuda-nn's kernels on our ``params`` (one state, one layout, portable checkpoints).
