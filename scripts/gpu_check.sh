@@ -51,9 +51,11 @@ if [ "$have_tcnn" = 1 ]; then
   step tcnn_alone 120 $py -X faulthandler -m pytest -q -p no:cacheprovider tests/test_hash_grid_cuda.py -k tcnn_encoding_alone \
     && step tcnn_vs_torch 180 $py -X faulthandler -m pytest -q -p no:cacheprovider tests/test_hash_grid_cuda.py -k "tcnn and not alone"
 fi
-[ $quick = 1 ] || step triton_interpreter 300 env TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/test_hash_grid_triton.py
+[ $quick = 1 ] || step triton_interpreter 300 env TRITON_INTERPRET=1 $py -m pytest -q -p no:cacheprovider tests/test_hash_grid_triton.py \
+  tests/test_hash_grid_triton_fused.py
 
 # 2. Encoding alone (16 x 2, table 2^19, batch 2^20): triton, torch, torch.compile, nerfstudio; tcnn separately.
+#    With triton also field inference: fused Triton kernel vs encoding + torch MLP (2 x 64, 2^16 and 2^20 points).
 step bench_encoding 300 $bench encoding --device cuda --backends triton,torch $([ $quick = 1 ] || echo --compile) \
   --json "$out/encoding.json"
 [ "$have_tcnn" = 1 ] && step bench_encoding_tcnn 120 $bench encoding --device cuda --backends tcnn --no-nerfstudio \

@@ -116,3 +116,21 @@ def test_hash_grid_adam_on_cuda_matches_the_cpu_step() -> None:
             optimizer.step()
         results.append(param.detach().cpu())
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@requires_triton
+@pytest.mark.parametrize("features,widths", [(1, ()), (2, (64, 64)), (2, (23,)), (4, (32,))])
+def test_fused_triton_field_matches_encoding_and_torch_mlp_on_cuda(features: int, widths: tuple) -> None:
+    """The compiled fused kernel (encoding + decoder) vs the torch backend then torch's Linear/ReLU, IEEE float32."""
+    reference, triton_encoding = _pair("triton", features)
+    sizes = [reference.get_out_dim(), *widths, 1]
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(a, b).cuda() for a, b in zip(sizes, sizes[1:])]
+    points = _points(5003)  # not a multiple of the kernel's block
+    with torch.no_grad():
+        fused = triton_encoding.fused_decode(points, layers)
+        x = reference(points)
+        for k, layer in enumerate(layers):
+            x = layer(x) if k + 1 == len(layers) else torch.relu(layer(x))
+    assert fused is not None
+    torch.testing.assert_close(fused, x.squeeze(-1), rtol=1e-4, atol=1e-4)

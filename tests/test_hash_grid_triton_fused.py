@@ -192,3 +192,56 @@ def test_volume_field_uses_the_fused_kernel_only_without_gradients(monkeypatch) 
     with torch.no_grad():
         torch.testing.assert_close(field.forward_unit(points), expected, rtol=1e-5, atol=1e-5)
     assert calls == [1, 1]
+
+
+def test_encoding_benchmark_decode_contenders_under_the_interpreter() -> None:
+    """gridinr-bench encoding's field-inference section (run on CUDA only) on a tiny interpreted case: every
+    contender timed, fused and unfused values agree."""
+    from gridinr_nerfstudio.scripts.bench.encoding import decode_benchmark, decoder_layers
+    from gridinr_nerfstudio.scripts.bench.timing import Clock
+
+    reference, triton_encoding = _pair(2)
+    layers = decoder_layers(reference.get_out_dim(), "1x16", torch.device("cpu"))
+    assert [layer.out_features for layer in layers] == [16, 1]
+    result = decode_benchmark({"ours_torch": reference, "ours_triton": triton_encoding}, layers, [70], 1,
+                              Clock(torch.device("cpu")))
+    row = result["70"]
+    assert set(row) == {"ours_torch_mlp", "ours_triton_mlp", "ours_triton_fused", "max_abs_diff_fused_vs_unfused"}
+    assert all(row[name] > 0 for name in ("ours_torch_mlp", "ours_triton_mlp", "ours_triton_fused"))
+    assert row["max_abs_diff_fused_vs_unfused"] < 1e-5
+
+
+def test_encoding_benchmark_prints_the_decode_section_with_triton(monkeypatch, tmp_path, capsys) -> None:
+    """The whole `gridinr-bench encoding` run with triton among the backends (as on CUDA), interpreted on a CPU."""
+    import json
+
+    from gridinr_nerfstudio.scripts.bench import encoding as encoding_bench
+    from gridinr_nerfstudio.scripts.bench.cli import main as bench_main
+
+    monkeypatch.setattr(encoding_bench, "available_backends", lambda device: ["triton", "torch"])
+    output = tmp_path / "encoding.json"
+    bench_main(["encoding", "--batch", "70", "--levels", "2", "--log2-table", "6", "--max-resolution", "16",
+                "--repeats", "1", "--threads", "1", "--device", "cpu", "--no-nerfstudio", "--backends", "triton,torch",
+                "--decoder", "1x16", "--decode-batches", "70", "--json", str(output)])
+    results = json.loads(output.read_text())
+    assert results["decode"]["decoder"] == "1x16"
+    assert set(results["decode"]["70"]) >= {"ours_triton_mlp", "ours_torch_mlp", "ours_triton_fused"}
+    assert results["decode"]["70"]["max_abs_diff_fused_vs_unfused"] < 1e-5
+    assert "field inference" in capsys.readouterr().out
+
+
+def test_dot_precision_follows_torch_tf32_setting() -> None:
+    """IEEE float32 products unless torch lets its own matmuls use TF32; float64 always IEEE."""
+    assert FUSED.dot_precision(torch.float64) == "ieee"
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: no fp32_precision setting")
+    saved = matmul.fp32_precision
+    try:
+        for setting in ("tf32", "ieee"):
+            matmul.fp32_precision = setting
+            assert FUSED.dot_precision(torch.float32) == setting
+            assert FUSED.dot_precision(torch.float64) == "ieee"
+    finally:
+        matmul.fp32_precision = saved
+    assert matmul.fp32_precision == saved

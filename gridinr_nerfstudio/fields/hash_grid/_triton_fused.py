@@ -132,7 +132,16 @@ def pack_decoder(layers: list[torch.nn.Linear], num_levels: int, features: int, 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """IEEE products unless float32 matmuls may use TF32 in torch too (then the torch MLP would as well)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9 (set_float32_matmul_precision sets it too)
+    if setting in ("tf32", "ieee"):
+        return setting
+    try:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # torch refuses to answer when its legacy and new TF32 settings were mixed: stay exact
+        return "ieee"
 
 
 def fused_field_forward(positions: torch.Tensor, params: torch.Tensor, scales: torch.Tensor, info: torch.Tensor,

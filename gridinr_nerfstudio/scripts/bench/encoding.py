@@ -7,6 +7,11 @@ the same parameters; ``--compile`` adds ``torch.compile`` of the torch path. Bes
 training step (forward, backward, optimizer step) of ours per optimizer, because a dense Adam step over the table,
 and the fresh table-sized gradient buffer of each backward, can cost as much as the encoding; ``HashGridAdam``
 (lazy: C++ on a CPU, Triton on CUDA) avoids both.
+
+Field inference (rendering): when triton is among the backends (CUDA), it also times a whole decode, encoding then
+the field's ReLU MLP (``--decoder``, default 2 hidden layers of 64), per backend as ``ours_<backend>_mlp`` (the
+encoding module, then torch's Linear/ReLU) against ``ours_triton_fused`` (``_triton_fused``: both in one kernel
+per block of points), at render-sized batches (``--decode-batches``), with the largest difference of their values.
 """
 
 from __future__ import annotations
@@ -16,12 +21,19 @@ from collections.abc import Callable
 
 import torch
 from nerfstudio.field_components.encodings import HashEncoding
+from torch import nn
 
 from gridinr_nerfstudio.fields.hash_grid import _backend
 from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_encode
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
 from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
-from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device, time_alternating
+from gridinr_nerfstudio.scripts.bench.timing import (
+    Clock,
+    add_device_argument,
+    device_label,
+    resolve_device,
+    time_alternating,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,6 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="comma-separated backends of ours (tcnn, triton, cpp, torch), or all available ones")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our torch path")
     parser.add_argument("--no-nerfstudio", action="store_true", help="leave out nerfstudio's torch HashEncoding")
+    parser.add_argument("--decoder", default="2x64",
+                        help="field inference contenders (with triton): the MLP's hidden layers x width (0x0: linear)")
+    parser.add_argument("--decode-batches", default="65536,1048576",
+                        help="comma-separated points per field-inference call (with triton)")
     add_device_argument(parser)
     return parser
 
@@ -73,6 +89,45 @@ def _forward_backward(encoder: torch.nn.Module, positions: torch.Tensor, upstrea
         (call or encoder)(positions).backward(upstream)
 
     return run
+
+
+def decoder_layers(inputs: int, spec: str, device: torch.device) -> list[nn.Linear]:
+    """The field's decoder for ``spec`` = ``HIDDENxWIDTH``: Linear layers inputs -> WIDTH (x HIDDEN) -> 1."""
+    hidden, width = (int(part) for part in spec.lower().split("x"))
+    sizes = [inputs] + [width] * hidden + [1]
+    generator = torch.Generator().manual_seed(1)
+    layers = [nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.normal_(std=layer.in_features ** -0.5, generator=generator)
+            layer.bias.normal_(std=0.1, generator=generator)
+    return [layer.to(device) for layer in layers]
+
+
+def decode_benchmark(encoders: dict[str, HashGridEncoding], layers: list[nn.Linear], batches: list[int],
+                     repeats: int, clock: Clock) -> dict:
+    """Points/s of field inference: each encoder then the torch MLP (``<name>_mlp``), and the fused Triton kernel
+    (``ours_triton_fused``) on ``encoders["ours_triton"]``; plus the largest |fused - unfused| value difference."""
+    mlp = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())][:-1])
+    fused_encoder = encoders["ours_triton"]
+    device = fused_encoder.params.device
+    result: dict = {}
+    for batch in batches:
+        positions = torch.rand(batch, 3, generator=torch.Generator().manual_seed(batch)).to(device)
+        contenders: dict[str, Callable[[], None]] = {}
+        for name, encoder in encoders.items():
+            contenders[f"{name}_mlp"] = _forward(lambda x, encoder=encoder: mlp(encoder(x)), positions)
+        with torch.no_grad():
+            fused = fused_encoder.fused_decode(positions, layers)
+            if fused is None:
+                raise SystemExit("gridinr-bench encoding: the fused Triton kernel does not take this decoder "
+                                 "(hidden widths up to 128)")
+            unfused = mlp(fused_encoder(positions)).squeeze(-1)
+        contenders["ours_triton_fused"] = _forward(lambda x: fused_encoder.fused_decode(x, layers), positions)
+        ms = time_alternating(contenders, repeats, clock)
+        result[str(batch)] = {name: batch / (ms[name] / 1e3) for name in contenders}
+        result[str(batch)]["max_abs_diff_fused_vs_unfused"] = float((fused - unfused).abs().max()) if batch else 0.0
+    return result
 
 
 def _training_step_ms(
@@ -176,6 +231,20 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{'':18s}" + "".join(f"{part:>10s}" for part in ("forward", "backward", "step", "total")))
     for name, parts in result["training_step_ms"].items():
         print(f"{name:18s}" + "".join(f"{value:10.2f}" for value in parts.values()))
+    if "triton" in backends:  # fused field inference: only where the compiled Triton kernels run (CUDA)
+        layers = decoder_layers(reference.get_out_dim(), args.decoder, device)
+        batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+        ours_encoders = {name: encoders[name] for name in encoders if name.startswith("ours_") and name in calls
+                         and isinstance(calls[name], HashGridEncoding)}
+        result["decode"] = decode_benchmark(ours_encoders, layers, batches, args.repeats, clock)
+        result["decode"]["decoder"] = args.decoder
+        print(f"field inference (encoding + decoder {args.decoder}), M points/s (median):")
+        names = [name for name in result["decode"][str(batches[0])] if not name.startswith("max_abs")]
+        print(f"{'batch':>10s}" + "".join(f"{name:>22s}" for name in names) + f"{'max |fused-unfused|':>22s}")
+        for b in batches:
+            row = result["decode"][str(b)]
+            print(f"{b:10d}" + "".join(f"{row[name] / 1e6:22.3f}" for name in names)
+                  + f"{row['max_abs_diff_fused_vs_unfused']:22.2e}")
     result["config"] = {"device": str(device), "batch": batch, "backends": backends, **geometry,
                         "threads": torch.get_num_threads()}
     return result

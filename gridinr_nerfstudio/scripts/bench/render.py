@@ -13,7 +13,9 @@ Contenders, all with the run's transfer function and samples per ray, on the fir
 PSNR/SSIM of each rendering are against the run's reference images (the PNGs nerfstudio trains against).
 ``--device`` (auto: CUDA when available) loads the run there; frame times then come from CUDA events.
 ``--backends triton,torch`` adds ``field_accelerated_<backend>`` rows: the accelerated INR with the hash grid on
-that backend (the plain rows use the run's backend, ``auto``).
+that backend (the plain rows use the run's backend, ``auto``). With ``triton`` the field is evaluated by the fused
+Triton kernel (encoding + MLP per block of points), and a ``field_accelerated_triton_unfused`` row times the
+Triton encoding kernel followed by the torch MLP on the same rays.
 Contenders run in turn per view so that load from other processes hits all of them alike.
 """
 
@@ -76,13 +78,15 @@ def run(args: argparse.Namespace) -> dict:
     def field_values(points: torch.Tensor) -> torch.Tensor:
         return model.field(points).clamp(0, 1)
 
-    def field_on(backend: str):
+    def field_on(backend: str, fused_triton: bool = True):
         def sample(points: torch.Tensor) -> torch.Tensor:
-            saved, model.field.encoding.backend = model.field.encoding.backend, backend
+            encoding = model.field.encoding
+            saved = encoding.backend, getattr(encoding, "fused_triton", True)
+            encoding.backend, encoding.fused_triton = backend, fused_triton
             try:
                 return color(field_values(points))
             finally:
-                model.field.encoding.backend = saved
+                encoding.backend, encoding.fused_triton = saved
 
         return sample
 
@@ -102,6 +106,9 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             model.field.encoding.backend = run_backend
         contenders[f"field_accelerated_{backend}"] = (field_on(backend), {**plain, "occupancy_grid": raw_cells})
+        if backend == "triton":  # the same without the fused kernel: encoding kernel, then the torch MLP
+            contenders["field_accelerated_triton_unfused"] = (field_on(backend, fused_triton=False),
+                                                              {**plain, "occupancy_grid": raw_cells})
     metrics = ImageMetrics(device=device)
     seconds = {name: 0.0 for name in contenders}
     scores = {name: [] for name in contenders}
@@ -133,10 +140,17 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {"views": views, "num_samples": model.render_settings.num_samples,
                          "occupancy_resolution": resolution, "threads": torch.get_num_threads(),
                          "device": device_label(device), "hash_grid_backend": model.field.encoding.backend_for(device),
-                         "field_evaluation": ("fused C++" if cpp_extension_available() and device.type == "cpu"
-                                              else model.field.encoding.backend_for(device))}
+                         "field_evaluation": field_evaluation(model.field.encoding, device)}
     print_table(results)
     return results
+
+
+def field_evaluation(encoding, device: torch.device) -> str:
+    """How the run's field is evaluated when rendering: fused C++ or fused Triton kernel, else the backend's name."""
+    if cpp_extension_available() and device.type == "cpu":
+        return "fused C++"
+    backend = encoding.backend_for(device)
+    return "fused Triton" if backend == "triton" and encoding.fused_triton_enabled() else backend
 
 
 def print_table(results: dict) -> None:
