@@ -54,7 +54,7 @@ def fused_signature(dtype: str) -> dict:
             "n": "i32", "shift": "fp32"}
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
+def compile_kernel(fn, signature: dict, constexprs: dict, options: dict | None = None) -> None:
     try:
         source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                            constexprs=constexprs)
@@ -62,11 +62,11 @@ def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
         print(f"cannot compile here (triton {triton.__version__} ASTSource API): {error}")
         sys.exit(3)
     try:
-        compiled = triton.compile(source, target=TARGET)
+        compiled = triton.compile(source, target=TARGET, options=options)
     except (FileNotFoundError, PermissionError, OSError) as error:  # no ptxas, no cache dir: not our kernels
         print(f"cannot compile here: {error}")
         sys.exit(3)
-    print(f"{fn.__name__} {constexprs}: {len(compiled.asm['ptx'])} chars of PTX", flush=True)
+    print(f"{fn.__name__} {constexprs} {options or ''}: {len(compiled.asm['ptx'])} chars of PTX", flush=True)
 
 
 def _decoder(inputs: int, hidden: int, width: int) -> list:
@@ -93,7 +93,8 @@ def main() -> None:
             for precision in precisions:
                 compile_kernel(fused._fused_field_kernel, fused_signature(dtype),
                                {"L": levels, "L_PAD": padded[0], "F": per_level, "HIDDEN": hidden, "H_PAD": padded[1],
-                                "DOT_PRECISION": precision, "BLOCK_N": fused.BLOCK})
+                                "DOT_PRECISION": precision, "BLOCK_N": fused.BLOCK},
+                               {"num_warps": fused.num_warps(padded[1])})
     print("all kernels compiled for sm_90")
 
 
