@@ -196,7 +196,7 @@ def test_sampling_reads_only_neighbours(tmp_path):
 
 def test_bigger_than_memory_limit(tmp_path):
     """A 512 MiB volume under a 192 MiB data limit: value range and sampling work, loading it whole fails."""
-    resource = pytest.importorskip("resource")
+    pytest.importorskip("resource")
     if not sys.platform.startswith("linux"):
         pytest.skip("RLIMIT_DATA limits anonymous memory only on Linux")
     path = tmp_path / "huge_512x512x512_float32.raw"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 
 from gridinr_nerfstudio.data.file_digest import file_digest, stat_key
+
 if TYPE_CHECKING:
     import torch
 

@@ -151,14 +151,20 @@ class VolumeField(nn.Module):
         return values
 
 
+def field_cache_dims(dims, resolution: int = 0) -> np.ndarray:
+    """Lattice points (X, Y, Z) of a field cache: `resolution` along the longest axis (0: the volume's own, capped
+    at 256), the volume's aspect ratio kept, at least 2 per axis."""
+    dims = np.asarray(dims, dtype=np.float64)
+    longest = dims.max()
+    target = min(longest, 256) if resolution == 0 else resolution
+    return np.maximum(2, np.round(dims * target / longest)).astype(int)
+
+
 @torch.no_grad()
 def decode_field_cache(field: VolumeField, dims, resolution: int = 0, chunk: int = 1 << 18,
                        time: float | None = None) -> DenseGridField:
     """Evaluate the field on a grid (keeping the volume's aspect ratio) and serve it by trilinear lookup."""
-    dims = np.asarray(dims, dtype=np.float64)
-    longest = dims.max()
-    target = min(longest, 256) if resolution == 0 else resolution
-    grid_dims = np.maximum(2, np.round(dims * target / longest)).astype(int)  # (X, Y, Z)
+    grid_dims = field_cache_dims(dims, resolution)
     device = field.aabb.device
     axes = [torch.linspace(0.0, 1.0, int(n), device=device) for n in grid_dims]
     zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")

@@ -119,6 +119,7 @@ class OccupancyGrid(nn.Module):
         """Mark the cells where `transfer_function.visible_in_range(min, max)` (any object with that method)."""
         self.occupied = transfer_function.visible_in_range(self.min_values, self.max_values)
         self._lookup = self._padded_lookup()
+        self._occupied_share = None
         return self
 
     def _padded_lookup(self) -> torch.Tensor:
@@ -139,4 +140,7 @@ class OccupancyGrid(nn.Module):
         return occupied.view(-1) > 0.5
 
     def occupied_fraction(self) -> float:
-        return float(self.occupied.float().mean())
+        """Share of the cells that are occupied (computed once per `update`)."""
+        if getattr(self, "_occupied_share", None) is None:
+            self._occupied_share = float(self.occupied.float().mean())
+        return self._occupied_share

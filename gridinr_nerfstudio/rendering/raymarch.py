@@ -147,6 +147,7 @@ def render_rays(
     normal_fn: ValueFn | None = None,
     shading: bool = False,
     stats: RenderStats | None = None,
+    dense_chunk_share: float = 0.9,
 ) -> dict[str, torch.Tensor]:
     """Emission-absorption rendering of rays (R, 3) through `aabb` (2, 3) with `num_samples` samples per ray.
 
@@ -156,7 +157,14 @@ def render_rays(
     normal, unit length. `shading` applies `shade` to each sample's colour and needs `normal_fn`.
     `early_stop_eps=0`, `occupancy_grid=None` and `chunk_samples=num_samples` give the plain renderer.
     sigma is per world unit, so non-unit directions are fine; t is in units of the direction's length.
+    Dense volumes: a chunk in which at least `dense_chunk_share` of the samples are in occupied cells is evaluated
+    whole, with sigma set to 0 in the others (the same image), and a grid with that share of occupied cells is not
+    consulted at all (transparent cells then get the sigma the transfer function gives them, 0 for the values the
+    cell bounds allow): gathering occupied samples and scattering their results back, or even looking up their
+    cells, then costs more than evaluating the few transparent samples.
     """
+    if occupancy_grid is not None and occupancy_grid.occupied_fraction() >= dense_chunk_share:
+        occupancy_grid = None
     if shading and normal_fn is None:
         raise ValueError("shading needs normal_fn (e.g. lambda p: estimate_normals(field, p, eps))")
     num_rays = origins.shape[0]
@@ -185,9 +193,18 @@ def render_rays(
             origins[active].unsqueeze(1), active_directions.unsqueeze(1), t_chunk.unsqueeze(-1)
         ).view(-1, 3)
         # `samples`: indices of the points sample_fn sees (None: all of them); the others have sigma 0.
-        samples = None if occupancy_grid is None else occupancy_grid.is_occupied(points).nonzero().squeeze(-1)
+        samples = occupied = None
+        if occupancy_grid is not None:
+            occupied = occupancy_grid.is_occupied(points)
+            samples = occupied.nonzero().squeeze(-1)
+            if samples.numel() < dense_chunk_share * points.shape[0]:
+                occupied = None  # sparse chunk: only the occupied samples are evaluated
+            else:
+                samples = None
         evaluated_points = points if samples is None else points.index_select(0, samples)
         rgb, sigma = _evaluate(sample_fn, evaluated_points)
+        if occupied is not None:
+            sigma = sigma * occupied.to(sigma.dtype)
         if stats is not None:
             stats.samples_evaluated += evaluated_points.shape[0]
         rows = torch.div(samples, count, rounding_mode="floor") if samples is not None else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.rays import RayBundle
@@ -23,11 +23,12 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.models.base_model import Model, ModelConfig
 
 from gridinr_nerfstudio.data.volume_io import voxel_size_world
-from gridinr_nerfstudio.eval.metrics import ImageMetrics
-from gridinr_nerfstudio.fields.dense_grid import DenseGridField
-from gridinr_nerfstudio.fields.volume_field import decode_field_cache
-from gridinr_nerfstudio.rendering.images import render_image
 from gridinr_nerfstudio.device_defaults import resolve
+from gridinr_nerfstudio.eval.metrics import ImageMetrics
+from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
+from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
+from gridinr_nerfstudio.rendering.images import render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import SampleFn, ValueFn, estimate_normals, render_rays
 from gridinr_nerfstudio.rendering.settings import RenderSettings
@@ -55,6 +56,10 @@ class StageModelConfig(ModelConfig):
     field_cache_resolution: int = 0
     """Whole-image renders (viewer, eval, videos) read the field decoded onto a grid with this many voxels along
     the longest axis (0: the volume's own resolution, capped at 256; -1: evaluate the INR at every sample)."""
+    field_cache_bricks: int = 0
+    """Decode the field cache lazily, in bricks of this many cells per edge as rays first reach them
+    (fields/brick_cache.py), instead of all at once before the first frame (0). Nothing is decoded where no ray
+    goes (empty space, parts outside every view); `gridinr-bench render` compares both (field_bricks, field_cache)."""
     field_cache_refresh_steps: int = 100
     """While the field trains (stage 1), decode it again when a render comes this many steps after the last decode."""
     compute_normals: bool = False
@@ -120,21 +125,41 @@ class StageModel(Model):
         return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], advance)] if self.field_trains else []
 
     @torch.no_grad()
-    def cached_field(self) -> Optional[DenseGridField]:
-        """The field decoded onto a grid (refreshed when stale), or None when the cache is off."""
+    def cached_field(self) -> Optional[Union[DenseGridField, BrickFieldCache]]:
+        """The field decoded onto a grid (refreshed when stale; in bricks as rays reach them with
+        `field_cache_bricks`), or None when the cache is off."""
         if self.config.field_cache_resolution < 0:
             return None
         stale = self.field_version - self.cache_version >= self.config.field_cache_refresh_steps
         if self.field_cache is None or stale or (self.is_sequence() and self.cache_time != self.render_time):
-            was_training = self.field.training
-            self.field.eval()
-            cache = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution,
-                                       time=self.field_time())
-            self.field.train(was_training)
+            if self.config.field_cache_bricks > 0:
+                cache = BrickFieldCache(self._decode_unit(self.field_time()),
+                                        field_cache_dims(self.volume.info.dims, self.config.field_cache_resolution),
+                                        self.aabb[1], brick_size=self.config.field_cache_bricks, device=self.aabb.device)
+            else:
+                was_training = self.field.training
+                self.field.eval()
+                cache = decode_field_cache(self.field, self.volume.info.dims, self.config.field_cache_resolution,
+                                           time=self.field_time())
+                self.field.train(was_training)
             self.invalidate_field_cache()
             self.__dict__["field_cache"] = cache
             self.cache_version, self.cache_time = self.field_version, self.render_time
         return self.field_cache
+
+    def _decode_unit(self, time: Optional[float]):
+        """Unit-cube points -> values of the field as it is now, in eval mode, without gradients (brick decodes)."""
+
+        @torch.no_grad()
+        def decode(unit_points: torch.Tensor) -> torch.Tensor:
+            was_training = self.field.training
+            self.field.eval()
+            try:
+                return self.field.forward_unit(unit_points, time)
+            finally:
+                self.field.train(was_training)
+
+        return decode
 
     def is_sequence(self) -> bool:
         """Whether the field covers several time steps (then renders show `render_time`)."""
@@ -168,10 +193,11 @@ class StageModel(Model):
 
     def occupancy_source(self) -> Optional[torch.Tensor]:
         """Normalised voxels (Z, Y, X) whose macrocell min/max bound the field shown (for empty-space skipping):
-        the field cache when on (exact for what is rendered); None: the raw voxels the field approximates, read in
+        the field cache when decoded whole (exact for what is rendered); None (no cache, or one decoded in bricks
+        as rays reach them): the raw voxels the field approximates, read in
         z-slabs through the memmap (see `occupancy`)."""
         cache = self.cached_field()
-        return cache.volume if cache is not None else None
+        return cache.volume if isinstance(cache, DenseGridField) else None
 
     def sample_fn(self) -> SampleFn:
         """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""

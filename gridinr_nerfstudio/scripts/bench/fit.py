@@ -36,9 +36,9 @@ from torch import nn
 
 from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT, open_data
 from gridinr_nerfstudio.data.volume_io import scene_aabb
+from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings, value_mlp
 from gridinr_nerfstudio.gridinr_config import GridINRTrainerConfig, fit_trainer_config
-from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler

@@ -87,11 +87,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def peak_rss_anon(command: list[str], interval: float, log: Path) -> tuple[int, int, float]:
+def peak_rss_anon(command: list[str], interval: float, log: Path, env: dict | None = None) -> tuple[int, int, float]:
     """(peak summed RssAnon of the command's process tree, exit status, seconds)."""
     started = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         peak = 0
         while process.poll() is None:
             peak = max(peak, sum(rss_anon_bytes(p) for p in descendants(process.pid)))
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
             spec = {"data": str(data), "output": str(folder / "run"), "iterations": args.iterations,
                     "batch": args.batch, "image_size": args.image_size}
             command = [sys.executable, "-m", "gridinr_nerfstudio.scripts.bench.memory", json.dumps(spec)]
-            peak, status, seconds = peak_rss_anon(command, args.interval, folder / "run.log")
+            peak, status, seconds = peak_rss_anon(command, args.interval, folder / "run.log", env)
             if status != 0:
                 tail = (folder / "run.log").read_text()[-2000:]
                 raise SystemExit(f"run on {data} failed (exit {status}):\n{tail}")

@@ -35,9 +35,10 @@ from gridinr_nerfstudio.stages.fit.model import volume_psnr
 # name -> overrides of the base: the field's class defaults (instant-ngp's 16 levels x 2 features, 2^21 table,
 # MLP 2 x 64, whatever the machine) with gridinr-fit's batch, learning rates and sampling. Overrides are field
 # settings by name, plus "batch", "lr", "lr_final", "continuous_fraction".
+COMPACT = {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0}
 VARIANTS: dict[str, dict] = {
     "16x2_mlp2x64": {},  # the defaults before this sweep
-    "compact_8x1_linear": {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0},
+    "compact_8x1_linear": COMPACT,
     "8x2": {"num_levels": 8, "features_per_level": 2},
     "16x1": {"features_per_level": 1},
     "table_2^19": {"log2_hashmap_size": 19},
@@ -48,6 +49,17 @@ VARIANTS: dict[str, dict] = {
     "lr_3e-3": {"lr": 3e-3},
     "continuous_0": {"continuous_fraction": 0.0},
     "continuous_0.5": {"continuous_fraction": 0.5},
+    # Changes of the compact field (the CPU default since the first sweep), one at a time.
+    "compact_8x2_linear": {**COMPACT, "features_per_level": 2},
+    "compact_16x1_linear": {**COMPACT, "num_levels": 16},
+    "compact_12x1_linear": {**COMPACT, "num_levels": 12},
+    "compact_table_2^22": {**COMPACT, "log2_hashmap_size": 22},
+    "compact_table_2^19": {**COMPACT, "log2_hashmap_size": 19},
+    "compact_batch_2^15": {**COMPACT, "batch": 1 << 15},
+    "compact_batch_2^17": {**COMPACT, "batch": 1 << 17},
+    "compact_lr_3e-2": {**COMPACT, "lr": 3e-2},
+    "compact_continuous_0": {**COMPACT, "continuous_fraction": 0.0},
+    "compact_mlp_1x16": {**COMPACT, "hidden_dim": 16, "num_hidden_layers": 1},
 }
 TRAINING_KEYS = ("batch", "lr", "lr_final", "continuous_fraction")
 

@@ -7,7 +7,6 @@ renderings, instead of nerfstudio's random rays.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Tuple, Type, Union
 
