@@ -16,11 +16,15 @@ strided sub-grid (every `subsample_factor`-th voxel per axis), a coarse pass mea
 
 Volumes that fit in `preload_max_bytes` are decoded into memory once (index and torch trilinear lookups);
 larger ones are read through the memmap, touching only the voxels (or 8 neighbours) of each sample.
+On CUDA the volume is uploaded and batches made there when it fits (stages/fit/device_sampler.py); otherwise this
+sampler makes them on the host, one step ahead in a background thread, and they reach the GPU through pinned
+buffers (stages/fit/prefetch.py, `prefetch`).
 Eval images, the viewer and ns-eval go through nerfstudio's usual image datasets of reference renderings.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Tuple, Type, Union
 
@@ -72,6 +76,10 @@ class VolumePointSampler:
     def coarse_phase(self, step: int) -> bool:
         """True while training on the strided sub-grid."""
         return self.subsample_factor > 1 and step < self.coarse_steps
+
+    def batch_key(self, step: int) -> bool:
+        """What `batch` takes from `step`: batches of steps with equal keys are drawn alike (PrefetchingSampler)."""
+        return self.coarse_phase(step)
 
     def subgrid_indices(self, count: int) -> torch.Tensor:
         """Flat indices (count,) of random voxels of the strided sub-grid, sorted."""
@@ -193,6 +201,11 @@ class FitDataManagerConfig(VanillaDataManagerConfig):
     """Hold the volume on the training device and make every batch there (stages/fit/device_sampler.py): "auto"
     does so on CUDA when the float32 volume takes at most a quarter of the GPU's memory; "on" forces it (any
     device), "off" keeps the CPU sampler (memmap or in-memory volume, `preload_max_bytes`)."""
+    prefetch: Literal["auto", "on", "off"] = "auto"
+    """With the CPU sampler (volume not resident on the device): make the next batch in a background thread while
+    the device trains on the current one, and copy batches through pinned host buffers with non_blocking
+    (stages/fit/prefetch.py). "auto": on a CUDA device only; "on": on any device (no pinning without CUDA);
+    "off": batches made in the training loop, as on a CPU. Same batches either way, resumes included."""
 
 
 class FitDataManager(VanillaDataManager[InputDataset]):
@@ -214,15 +227,21 @@ class FitDataManager(VanillaDataManager[InputDataset]):
         self.aabb = self.train_dataparser_outputs.scene_box.aabb.float()
         self.batch_size = resolve(config.batch_size, "batch_size", device)
         # device_sampler subclasses VolumePointSampler (defined here), hence the import at the point of use.
-        from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler
+        from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler, resident_chosen
+        from gridinr_nerfstudio.stages.fit.prefetch import PrefetchingSampler
 
         volumes = self.train_dataparser_outputs.metadata["volumes"].volume  # the steps of a sequence (or one)
+        if config.prefetch not in ("auto", "on", "off"):
+            raise ValueError(f"prefetch must be 'auto', 'on' or 'off', got {config.prefetch!r}")
+        resident = [resident_chosen(config.device_resident, math.prod(volume.info.dims), device) for volume in volumes]
+        prefetch = not any(resident) and (
+            config.prefetch == "on" or (config.prefetch == "auto" and torch.device(device).type == "cuda"))
         samplers = [
             make_point_sampler(
                 volume,
                 self.aabb,
-                device=device,
-                resident=config.device_resident,
+                device="cpu" if prefetch else device,  # batches made on the host, copied by PrefetchingSampler
+                resident="on" if is_resident else "off",
                 sampling=config.sampling,
                 continuous_fraction=config.continuous_fraction,
                 subsample_factor=config.subsample_factor,
@@ -230,10 +249,11 @@ class FitDataManager(VanillaDataManager[InputDataset]):
                 preload_max_bytes=config.preload_max_bytes // len(volumes),
                 seed=config.seed + local_rank + 1000 * index,
             )
-            for index, volume in enumerate(volumes)
+            for index, (volume, is_resident) in enumerate(zip(volumes, resident))
         ]
+        sampler = samplers[0] if len(samplers) == 1 else SequencePointSampler(samplers)
         # Not a registered submodule: the voxels it may hold must not end up in checkpoints.
-        self.__dict__["sampler"] = samplers[0] if len(samplers) == 1 else SequencePointSampler(samplers)
+        self.__dict__["sampler"] = PrefetchingSampler(sampler, device) if prefetch else sampler
 
     def setup_train(self):
         """Stage 1 trains on points: no training image loader or pixel sampler is needed."""
@@ -245,10 +265,11 @@ class FitDataManager(VanillaDataManager[InputDataset]):
     def next_train(self, step: int) -> Tuple[torch.Tensor, Dict]:
         """A batch of world positions and their target values."""
         self.train_count += 1
-        if isinstance(self.sampler, SequencePointSampler):  # each point with its step's time
-            points, values, times = self.sampler.batch(self.batch_size, step)
+        batch = self.sampler.batch(self.batch_size, step)
+        if len(batch) == 3:  # a sequence: each point with its step's time
+            points, values, times = batch
             return points, {"values": values, "times": times}
-        points, values = self.sampler.batch(self.batch_size, step)
+        points, values = batch
         return points, {"values": values}
 
     def get_train_rays_per_batch(self) -> int:

@@ -88,14 +88,19 @@ class DeviceVolumePointSampler(VolumePointSampler):
         return points, self.dense(points)
 
 
+def resident_chosen(resident: Resident, num_voxels: int, device: Union[torch.device, str]) -> bool:
+    """Whether ``make_point_sampler`` picks the device-resident sampler: ``resident`` "on", or "auto" and the volume
+    fits (``resident_fits``)."""
+    if resident not in ("auto", "on", "off"):
+        raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
+    return resident == "on" or (resident == "auto" and resident_fits(num_voxels, device))
+
+
 def make_point_sampler(volume: Volume, aabb: torch.Tensor, device: Union[torch.device, str] = "cpu",
                        resident: Resident = "auto", **kwargs) -> VolumePointSampler:
     """The device-resident sampler when ``resident`` is "on", or "auto" and the volume fits (``resident_fits``);
     else the CPU ``VolumePointSampler`` (memmap or in-memory volume, ``preload_max_bytes``)."""
-    if resident not in ("auto", "on", "off"):
-        raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
-    num_voxels = int(np.prod(volume.info.dims))
-    if resident == "on" or (resident == "auto" and resident_fits(num_voxels, device)):
+    if resident_chosen(resident, int(np.prod(volume.info.dims)), device):
         kwargs.pop("preload_max_bytes", None)
         return DeviceVolumePointSampler(volume, aabb, device=device, **kwargs)
     return VolumePointSampler(volume, aabb, device=device, **kwargs)

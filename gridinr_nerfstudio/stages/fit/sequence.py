@@ -17,6 +17,10 @@ class SequencePointSampler:
         self.times = step_times(len(samplers)).tolist()
         self.dense = samplers[0].dense  # whether the steps are preloaded (all alike)
 
+    def batch_key(self, step: int):
+        """What `batch` takes from `step` (see `VolumePointSampler.batch_key`)."""
+        return tuple(sampler.batch_key(step) for sampler in self.samplers)
+
     def batch(self, count: int, step: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(points (count, 3), values (count,), times (count,)) on the samplers' device."""
         steps = len(self.samplers)
