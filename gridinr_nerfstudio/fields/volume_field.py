@@ -17,6 +17,51 @@ from torch import nn
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
 
+LOSS_SCALE = 1024.0
+"""Static gradient scale of the float16 decoder (tiny-cuda-nn scales by 128): the gradient of a mean loss over
+2^18 points is ~1e-7 per point, below float16's normal range (6e-5); scaled, it is not. bfloat16 needs none."""
+
+
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The decoder's dtype under `mixed_precision`: float16 on CUDA (tensor cores), bfloat16 elsewhere."""
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale: float):
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def mixed_precision_decode(layers: list[nn.Linear], features: torch.Tensor, dtype: torch.dtype,
+                           loss_scale: float = 1.0) -> torch.Tensor:
+    """The ReLU stack of `layers` on float32 `features` (N, F) under autocast to `dtype`; float32 values (N,).
+
+    With `loss_scale` != 1 the gradient entering the decoder is multiplied by it (so it stays in float16's range)
+    and divided by it again, in float32, where it leaves: into the features (hence the tables) and into each weight
+    and bias before they are cast down.
+    """
+    scaled = loss_scale != 1.0
+    x = _ScaleGrad.apply(features, 1.0 / loss_scale) if scaled else features
+    with torch.autocast(features.device.type, dtype=dtype):
+        for index, layer in enumerate(layers):
+            weight, bias = layer.weight, layer.bias
+            if scaled:
+                weight = _ScaleGrad.apply(weight, 1.0 / loss_scale)
+                bias = None if bias is None else _ScaleGrad.apply(bias, 1.0 / loss_scale)
+            x = nn.functional.linear(x, weight, bias)
+            if index < len(layers) - 1:
+                x = torch.relu(x)
+    values = x.float().squeeze(-1)
+    return _ScaleGrad.apply(values, loss_scale) if scaled else values
+
 
 @dataclass
 class VolumeFieldSettings:
@@ -35,6 +80,11 @@ class VolumeFieldSettings:
     backend: str = "auto"
     """Hash-grid backend: auto (CUDA: tiny-cuda-nn when installed, else our Triton kernels; CPU: our C++ kernels;
     else torch), tcnn, triton, cpp, torch."""
+    mixed_precision: bool = False
+    """Training steps run the decoder MLP under torch.autocast (float16 on CUDA, with a static loss scale of
+    `LOSS_SCALE` inside the decoder; bfloat16 elsewhere). The hash tables, their gradients and optimizer state,
+    the MLP's weights and the field's output stay float32; inference (renders, volume PSNR, exports) is float32.
+    Not nerfstudio's trainer ``--mixed-precision``, which autocasts the whole step. README, "GPU"."""
 
 
 def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
@@ -119,12 +169,21 @@ class VolumeField(nn.Module):
         if self.num_times > 1:
             features = self.encoding(unit_points)
             steps = self.step_features(unit_points, 0.0 if times is None else times)
-            return self.mlp(torch.cat([features, steps.to(features)], dim=-1)).squeeze(-1)
+            return self.decode(torch.cat([features, steps.to(features)], dim=-1))
         if not self.needs_autograd(unit_points):
             values = self.encoding.fused_decode(unit_points, self.decoder_layers())
             if values is not None:
                 return values
-        return self.mlp(self.encoding(unit_points)).squeeze(-1)
+        return self.decode(self.encoding(unit_points))
+
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """The MLP on features (N, F): float32 values (N,); under autocast in training steps with
+        `mixed_precision` (see `mixed_precision_decode`)."""
+        layers = self.decoder_layers()
+        if self.settings.mixed_precision and layers and self.needs_autograd(features):
+            dtype = autocast_dtype(features.device.type)
+            return mixed_precision_decode(layers, features, dtype, LOSS_SCALE if dtype == torch.float16 else 1.0)
+        return self.mlp(features).squeeze(-1)
 
     def needs_autograd(self, points: torch.Tensor) -> bool:
         """Whether a result could be differentiated: grad mode on and the points or any parameter require it."""

@@ -13,8 +13,10 @@ at the end, and at the optional ``--curve`` times.
 quarter of the GPU's memory (batches are then made on the GPU, stages/fit/device_sampler.py; ``--resident``);
 step times are then measured with the GPU synchronised at the end of each step. Contenders: ``ours`` (the method's
 field and optimizers; backend and hash optimizer picked for the device), ``ours_<backend>`` for a backend
-(tcnn, triton, cpp, torch), ``ours_dense`` / ``ours_lazy`` for the hash-table optimizer mode, and
-``nerfstudio_torch``.
+(tcnn, triton, cpp, torch), ``ours_dense`` / ``ours_lazy`` for the hash-table optimizer mode, ``ours_mixed``
+(the decoder MLP under autocast, ``--pipeline.model.field.mixed-precision``: float16 on CUDA, bfloat16 on a CPU)
+and ``nerfstudio_torch``. ``--iterations N`` trains every contender N steps instead of a time budget (learning
+rate decaying over the steps): quality at equal work, e.g. ``--contenders ours,ours_mixed``.
 
 ``--threads`` defaults to 1: on a 2-core machine shared with other work, a second OpenMP/ATen thread is often
 descheduled while the first spins at every parallel region's barrier (steps measured 1.5x slower with one other busy
@@ -59,6 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, default=BUILTIN_DEFAULT, help="volume (default: the built-in one)")
     parser.add_argument("--seconds", type=float, default=60.0, help="training wall time per contender")
+    parser.add_argument("--iterations", type=int, default=0, help="train every contender this many steps instead "
+                        "of --seconds (0: the time budget)")
     parser.add_argument("--batch", type=int, default=datamanager.batch_size,
                         help="points per step (0: the device's default, device_defaults.py)")
     parser.add_argument("--sampling", choices=("voxels", "continuous"), default=datamanager.sampling,
@@ -83,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "volume PSNR, e.g. 15,30")
     parser.add_argument("--contenders", default="ours,nerfstudio_torch",
                         help="comma-separated: ours, ours_<backend> (tcnn, triton, cpp, torch), ours_dense, ours_lazy, "
-                             "nerfstudio_torch")
+                             "ours_mixed (decoder under autocast), nerfstudio_torch")
     parser.add_argument("--resident", choices=("auto", "on", "off"), default=datamanager.device_resident,
                         help="volume and batch making on the device (auto: on CUDA when it fits)")
     add_device_argument(parser)
@@ -197,6 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         "ours": lambda: VolumeField(aabb, settings),
         "ours_dense": lambda: VolumeField(aabb, settings),
         "ours_lazy": lambda: VolumeField(aabb, settings),
+        "ours_mixed": lambda: VolumeField(aabb, dataclasses.replace(settings, mixed_precision=True)),
         "nerfstudio_torch": lambda: NerfstudioBaseline(settings),
         **{f"ours_{b}": (lambda b=b: VolumeField(aabb, dataclasses.replace(settings, backend=b))) for b in BACKENDS},
     }
@@ -219,11 +224,19 @@ def run(args: argparse.Namespace) -> dict:
         contender.warm_up()
     samplers = {type(c.sampler).__name__ for c in contenders}
     decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
-    print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {args.seconds:.0f} s per contender, "
+    budget = f"{args.iterations} steps" if args.iterations > 0 else f"{args.seconds:.0f} s"
+    print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {budget} per contender, "
           f"batch {args.batch} ({args.sampling}), {args.levels} levels x {args.features} features, "
           f"table 2^{args.log2_table}, resolutions {args.base_resolution}..{args.max_resolution}, {decoder}, "
           f"lr {encoding_lr:g} -> {lr_final:g}; device {device_label(device)}, sampler {', '.join(samplers)}", flush=True)
     while True:
+        if args.iterations > 0:  # equal work: whoever has done fewer steps goes next
+            pending = [c for c in contenders if c.iterations < args.iterations]
+            if not pending:
+                break
+            contender = min(pending, key=lambda c: c.iterations)
+            contender.step(args.batch, contender.iterations / max(args.iterations - 1, 1))
+            continue
         pending = [c for c in contenders if c.seconds < args.seconds]
         if not pending:
             break
@@ -249,11 +262,11 @@ def run(args: argparse.Namespace) -> dict:
             "train_seconds": contender.seconds,
             "params": params,
             "compression_ratio": volume_bytes / model_bytes,
-            "psnr_curve_db": {**contender.curve, f"{args.seconds:g}": psnr},
+            "psnr_curve_db": {**contender.curve, f"{contender.seconds if args.iterations > 0 else args.seconds:g}": psnr},
         }
     print_table(results)
     results["config"] = {
-        "data": str(args.data), "seconds": args.seconds, "batch": args.batch, "sampling": args.sampling,
+        "data": str(args.data), "seconds": args.seconds, "iterations": args.iterations, "batch": args.batch, "sampling": args.sampling,
         "continuous_fraction": args.continuous_fraction,
         "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final,
         "betas": dict(zip(("encoding", "mlp"), (list(o.param_groups[0]["betas"]) for o in contenders[0].optimizers))),
