@@ -61,9 +61,10 @@ step bench_encoding 300 $bench encoding --device cuda --backends triton,torch $(
 [ "$have_tcnn" = 1 ] && step bench_encoding_tcnn 120 $bench encoding --device cuda --backends tcnn --no-nerfstudio \
   --json "$out/encoding_tcnn.json"
 
-# 3. Stage-1 fitting at equal time on c60: backends, dense vs lazy table optimizer, PSNR over time (45 dB in 5 s?).
+# 3. Stage-1 fitting at equal time on c60: backends, dense vs lazy table optimizer, float16 decoder (ours_mixed),
+#    PSNR over time (45 dB in 5 s?).
 step bench_fit 400 $bench fit --data "$data" --device cuda --seconds "$seconds" --curve 1,2,3 \
-  --contenders ours,ours_torch,ours_dense,nerfstudio_torch --json "$out/fit.json"
+  --contenders ours,ours_mixed,ours_torch,ours_dense,nerfstudio_torch --json "$out/fit.json"
 [ "$have_tcnn" = 1 ] && step bench_fit_tcnn 200 $bench fit --data "$data" --device cuda --seconds "$seconds" --curve 1,2,3 \
   --contenders ours_tcnn,ours_triton --json "$out/fit_tcnn.json"
 
@@ -72,6 +73,9 @@ runs=/tmp/gpu_check_runs
 rm -rf "$runs"
 step ns_train 400 $train gridinr-fit --data "$data" --vis tensorboard --viewer.quit-on-train-completion True \
   --output-dir "$runs" --timestamp fit --max-num-iterations "$iterations"
+# The same run with batches made on the host (prefetched in a thread, pinned copies): compare its step time.
+step ns_train_pinned 400 $train gridinr-fit --data "$data" --vis tensorboard --viewer.quit-on-train-completion True \
+  --output-dir "$runs" --timestamp pinned --max-num-iterations "$iterations" --pipeline.datamanager.device-resident off
 config=$(ls "$runs"/*/gridinr-fit/fit/config.yml 2>/dev/null | head -1)
 if [ -n "$config" ]; then
   step bench_render 300 $bench render --load-config "$config" --device cuda --backends triton,torch --json "$out/render.json"

@@ -55,3 +55,16 @@ def test_fit_benchmark_backend_and_optimizer_contenders(write_raw_dataset) -> No
     assert results["config"]["sampler"] == ["DeviceVolumePointSampler"] and results["config"]["device"] == "cpu"
     with pytest.raises(SystemExit, match="unknown contender"):
         fit.run(parser.parse_args(["--data", str(volume.info.path), "--contenders", "ours_fast"]))
+
+
+def test_fit_benchmark_equal_iterations_with_the_mixed_precision_contender(write_raw_dataset) -> None:
+    voxels = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    volume = open_volume(write_raw_dataset({"v": [voxels]}))
+    parser = fit.add_parser(argparse.ArgumentParser().add_subparsers())
+    args = parser.parse_args(["--data", str(volume.info.path), "--iterations", "7", "--batch", "64", "--levels", "2",
+                              "--log2-table", "8", "--max-resolution", "8", "--hidden-dim", "16", "--device", "cpu",
+                              "--contenders", "ours,ours_mixed"])
+    results = fit.run(args)
+    assert results["ours"]["iterations"] == results["ours_mixed"]["iterations"] == 7
+    assert results["ours"]["volume_psnr_db"] != results["ours_mixed"]["volume_psnr_db"]  # the decoder ran in bf16
+    assert results["config"]["iterations"] == 7
