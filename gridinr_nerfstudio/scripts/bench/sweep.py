@@ -60,6 +60,10 @@ VARIANTS: dict[str, dict] = {
     "compact_lr_3e-2": {**COMPACT, "lr": 3e-2},
     "compact_continuous_0": {**COMPACT, "continuous_fraction": 0.0},
     "compact_mlp_1x16": {**COMPACT, "hidden_dim": 16, "num_hidden_layers": 1},
+    "compact_8x2_mlp_1x16": {**COMPACT, "features_per_level": 2, "hidden_dim": 16, "num_hidden_layers": 1},
+    "compact_8x2_mlp_1x32": {**COMPACT, "features_per_level": 2, "hidden_dim": 32, "num_hidden_layers": 1},
+    "compact_8x4_mlp_1x16": {**COMPACT, "features_per_level": 4, "hidden_dim": 16, "num_hidden_layers": 1},
+    "16x2_mlp_1x16": {"hidden_dim": 16, "num_hidden_layers": 1},
 }
 TRAINING_KEYS = ("batch", "lr", "lr_final", "continuous_fraction")
 
