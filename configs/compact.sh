@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A compact field for rendering the INR itself (field cache off) on dense volumes: 8 levels x 1 feature and a
-# linear decoder instead of instant-ngp's 16 x 2 and 2 x 64 MLP, about 4x cheaper per ray sample. On c60
-# (53% of ray samples visible with the default ramp) the accelerated INR then renders at 1.27x the raw-volume
-# time at 53.0 dB instead of 2.64x at 58.5 dB; 1000 iterations train in about 40 s (README, Benchmarks).
+# The smallest useful field: 8 levels x 1 feature and a linear decoder (the CPU default, 8 x 2 with a hidden layer
+# of 16, is about 1.5x the cost per step and sample, and much better on a brain MRI: docs/cpu_profiles.md). It
+# trains 1000 iterations in about 25 s and renders the INR itself (field cache off, below) cheaply; then measures
+# it with ns-eval and gridinr-bench render.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 DATA=${DATA:-../shared/data/c60}
