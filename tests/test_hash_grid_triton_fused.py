@@ -8,10 +8,9 @@ torch backend, then the decoder's own ``nn.Linear`` layers with ``torch.relu`` b
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from checks import boundary_points, torch_and_triton_pair
 from torch import nn
 
 from gridinr_nerfstudio.fields.hash_grid import _backend
@@ -26,18 +25,9 @@ if not _backend.triton_module().INTERPRETED:
                 allow_module_level=True)
 
 FUSED = _backend.triton_fused_module()
-GEOMETRY = dict(num_levels=4, log2_hashmap_size=9, base_resolution=3, max_resolution=40)  # dense and hashed levels
 
 
-def _pair(features: int = 2, convention: str = "tcnn", dtype=torch.float32, **geometry) -> tuple[HashGridEncoding, ...]:
-    """A torch-backend encoding with O(1) random params and a triton-backend copy of it (same state dict)."""
-    kwargs = GEOMETRY | dict(features_per_level=features, convention=convention) | geometry
-    reference = HashGridEncoding(backend="torch", **kwargs).to(dtype)
-    with torch.no_grad():
-        reference.params.normal_(generator=torch.Generator().manual_seed(features))
-    triton_encoding = HashGridEncoding(backend="triton", **kwargs).to(dtype)
-    triton_encoding.load_state_dict(reference.state_dict())
-    return reference, triton_encoding
+_pair = torch_and_triton_pair
 
 
 def _decoder(inputs: int, widths: tuple[int, ...], dtype=torch.float32, bias: tuple[bool, ...] | None = None,
@@ -65,18 +55,7 @@ def _reference(encoding: HashGridEncoding, layers: list[nn.Linear], points: torc
 
 
 def _points(encoding: HashGridEncoding, outside: bool = False) -> torch.Tensor:
-    """Random points, box faces and corners, and points exactly on the cell boundaries of every level."""
-    generator = torch.Generator().manual_seed(0)
-    parts = [torch.rand(40, 3, generator=generator)]
-    parts.append(torch.tensor(list(itertools.product([0.0, 0.5, 1.0], repeat=3))))  # box faces, corners, centre
-    for scale in encoding.geometry.scales:
-        # p = x * s + shift is an integer: x = (k - shift) / s, for some k along each axis
-        k = torch.arange(0, int(scale) + 1, max(1, int(scale) // 4), dtype=torch.float32)
-        x = ((k - encoding.geometry.shift) / scale).clamp(0, 1)
-        parts.append(torch.stack([x, x.flip(0), torch.full_like(x, 0.25)], dim=1))
-    if outside:  # negative cells and beyond the upper face: the uint32 wrap of both index kinds
-        parts.append(torch.rand(10, 3, generator=generator) * 1.4 - 0.2)
-    return torch.cat(parts).to(encoding.params.dtype)
+    return boundary_points(encoding, inside=40, outside=10 if outside else 0)
 
 
 def _check(reference, triton_encoding, layers, points, rtol=1e-5, atol=1e-5) -> None:
