@@ -152,3 +152,15 @@ def test_model_with_bricks_renders_the_image_of_the_whole_field_cache(tmp_path):
     model.invalidate_field_cache()
     accelerated = model.get_outputs_for_camera_ray_bundle(cameras.generate_rays(camera_indices=0, keep_shape=True))["rgb"]
     assert float((accelerated - whole).abs().max()) < 2e-2
+
+
+def test_values_the_field_itself_makes_nan_stay_nan_without_looping():
+    def decode(unit):
+        values = analytic_unit(unit)
+        return torch.where(unit[:, 0] > 0.5, torch.full_like(values, float("nan")), values)
+
+    cache = BrickFieldCache(decode, DIMS_XYZ, HALF, brick_size=4)
+    points = points_in_box(300, seed=5)
+    values = cache(points)
+    right = points[:, 0] > 0.2  # lattice x > 0.6: every corner NaN
+    assert bool(values[right].isnan().all()) and not bool(values[points[:, 0] < -0.2].isnan().any())

@@ -82,8 +82,10 @@ class BrickFieldCache(nn.Module):
                 return values
             again = points.index_select(0, rows)
             # Consecutive ray samples mostly share a brick: the bricks of every `stride`-th missing point find
-            # nearly all, the next pass (every point) the rest.
-            self.decode_bricks_of(again[::stride])
+            # nearly all, the next pass (every point) the rest. A pass over every point that finds no brick to
+            # decode leaves NaN the field itself returned.
+            if self.decode_bricks_of(again[::stride]) == 0 and stride == 1:
+                return values
             values = values.index_put((rows,), self.grid(again))
             stride = 1
 
@@ -96,15 +98,16 @@ class BrickFieldCache(nn.Module):
         return (brick[:, 2] * self.bricks[1] + brick[:, 1]) * self.bricks[0] + brick[:, 0]
 
     @torch.no_grad()
-    def decode_bricks_of(self, points: torch.Tensor) -> None:
-        """Decode the bricks `points` fall in that are not decoded yet."""
+    def decode_bricks_of(self, points: torch.Tensor) -> int:
+        """Decode the bricks `points` fall in that are not decoded yet; returns how many."""
         if points.shape[0] == 0:
-            return
+            return 0
         wanted = torch.zeros_like(self.decoded).view(-1)
         wanted[self.brick_ids(points)] = True  # a scatter, not a sort (unique) of millions of ids
         missing = (wanted & ~self.decoded.view(-1)).nonzero().squeeze(-1)
         if missing.numel():
             self.decode_bricks(missing)
+        return int(missing.numel())
 
     @torch.no_grad()
     def decode_bricks(self, ids: torch.Tensor) -> None:
