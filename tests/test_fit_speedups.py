@@ -106,3 +106,74 @@ def test_fit_benchmark_trains_both_contenders_on_the_method_defaults(small_volum
         assert row["iterations"] >= 1 and np.isfinite(row["volume_psnr_db"])
         assert set(row["psnr_curve_db"]) == {"0.1", "1"}
     assert results["config"]["lr_final"] == method.optimizers["encoding"]["scheduler"].lr_final
+
+
+def _field_pair(progress: float):
+    """A small VolumeField with the coarse-to-fine schedule at `progress`, and its unscheduled twin (same weights)."""
+    from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
+
+    settings = VolumeFieldSettings(num_levels=4, features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+                                   max_resolution=32, hidden_dim=16, num_hidden_layers=1, coarse_to_fine_steps=10)
+    aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    torch.manual_seed(0)
+    field = VolumeField(aabb, settings)
+    with torch.no_grad():
+        field.encoding.params.normal_()
+    twin = VolumeField(aabb, settings)
+    twin.load_state_dict(field.state_dict())
+    field.level_progress = progress
+    return field, twin
+
+
+def test_coarse_to_fine_hides_fine_levels_early_and_changes_nothing_at_the_end():
+    points = torch.rand(300, 3, generator=torch.Generator().manual_seed(1))
+    field, twin = _field_pair(progress=0.0)  # only level 0 counts
+    fine = field.encoding.params.detach().clone()
+    values = field.forward_unit(points)
+    values.sum().backward()
+    grad = field.encoding.params.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    # Perturbing every table entry except level 0's changes nothing at progress 0.
+    with torch.no_grad():
+        first = int(field.encoding.geometry.table_offsets[1]) * field.encoding.features_per_level
+        field.encoding.params[first:] += 1.0
+        assert torch.equal(field.forward_unit(points), values.detach())
+        assert float(grad[first:].abs().sum()) == 0.0  # no gradient reaches the hidden levels
+        field.encoding.params.copy_(fine)
+    # Half way: the two coarsest levels count fully, the finest not at all (4 levels: ramp 2 - l + 1).
+    field.level_progress = 0.5
+    assert field.level_weights().tolist() == [1.0, 1.0, 1.0, 0.0]
+    # Done: exactly the unscheduled field, through the fused inference path and through autograd.
+    field.level_progress = 1.0
+    assert field.level_weights() is None
+    with torch.no_grad():
+        assert torch.equal(field.forward_unit(points), twin.forward_unit(points))
+    assert torch.equal(field.forward_unit(points), twin.forward_unit(points))
+
+
+def test_coarse_to_fine_without_gradients_matches_the_autograd_path():
+    points = torch.rand(200, 3, generator=torch.Generator().manual_seed(2))
+    field, _ = _field_pair(progress=0.3)
+    with torch.no_grad():
+        inference = field.forward_unit(points)  # not the fused kernel: it knows no level weights
+    torch.testing.assert_close(inference, field.forward_unit(points).detach(), atol=1e-6, rtol=0)
+
+
+def test_fit_model_callback_advances_the_schedule(tmp_path):
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+    from tiny_runs import train_tiny_fit
+
+    from gridinr_nerfstudio.runs import load_run_pipeline
+
+    config_path = train_tiny_fit(tmp_path, iterations=5)
+    _, pipeline, _, _ = load_run_pipeline(config_path, test_mode="test")
+    model = pipeline.model
+    assert model.field.level_progress == 1.0  # loaded runs use every level
+    model.config.field.coarse_to_fine_steps = 10
+    callbacks = model.get_training_callbacks(None)
+    for callback in callbacks:
+        callback.run_callback_at_location(step=4, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    assert model.field.level_progress == pytest.approx(0.4)
+    for callback in callbacks:
+        callback.run_callback_at_location(step=25, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    assert model.field.level_progress == 1.0

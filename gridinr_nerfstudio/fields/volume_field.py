@@ -80,6 +80,10 @@ class VolumeFieldSettings:
     backend: str = "auto"
     """Hash-grid backend: auto (CUDA: tiny-cuda-nn when installed, else our Triton kernels; CPU: our C++ kernels;
     else torch), tcnn, triton, cpp, torch."""
+    coarse_to_fine_steps: int = 0
+    """Switch the levels on from coarse to fine over the first this many training steps (level l fades in while
+    `level_progress` * num_levels goes from l - 1 to l), so early steps fit the coarse shape before fine levels
+    add detail; 0: every level from the start. `gridinr-bench sweep` measures it (docs/cpu_profiles.md)."""
     mixed_precision: bool = False
     """Training steps run the decoder MLP under torch.autocast (float16 on CUDA, with a static loss scale of
     `LOSS_SCALE` inside the decoder; bfloat16 elsewhere). The hash tables, their gradients and optimizer state,
@@ -118,6 +122,8 @@ class VolumeField(nn.Module):
             step_log2 = max(10, shared_log2 - math.ceil(math.log2(self.num_times)))
             self.step_encodings = nn.ModuleList([self._grid(settings, step_log2) for _ in range(self.num_times)])
         self.mlp = value_mlp(settings, self.encoding.get_out_dim() if sequence else 0)
+        self.level_progress = 1.0
+        """Share (0..1) of the coarse-to-fine schedule done; 1 (the default, and after loading) uses every level."""
 
     @staticmethod
     def _grid(settings: VolumeFieldSettings, log2_hashmap_size: int) -> HashGridEncoding:
@@ -167,14 +173,30 @@ class VolumeField(nn.Module):
         through autograd.
         """
         if self.num_times > 1:
-            features = self.encoding(unit_points)
-            steps = self.step_features(unit_points, 0.0 if times is None else times)
+            features = self.weigh_levels(self.encoding(unit_points))
+            steps = self.weigh_levels(self.step_features(unit_points, 0.0 if times is None else times))
             return self.decode(torch.cat([features, steps.to(features)], dim=-1))
-        if not self.needs_autograd(unit_points):
+        if not self.needs_autograd(unit_points) and self.level_progress >= 1.0:
             values = self.encoding.fused_decode(unit_points, self.decoder_layers())
             if values is not None:
                 return values
-        return self.decode(self.encoding(unit_points))
+        return self.decode(self.weigh_levels(self.encoding(unit_points)))
+
+    def level_weights(self) -> torch.Tensor | None:
+        """Per-level weights (num_levels,) of the coarse-to-fine schedule, or None when every level counts fully."""
+        if self.level_progress >= 1.0:
+            return None
+        levels = self.settings.num_levels
+        ramp = max(0.0, self.level_progress) * levels - torch.arange(levels, dtype=torch.float32) + 1.0
+        return ramp.clamp(0.0, 1.0)
+
+    def weigh_levels(self, features: torch.Tensor) -> torch.Tensor:
+        """Level features (N, num_levels * F) scaled by `level_weights` (unchanged when there are none)."""
+        weights = self.level_weights()
+        if weights is None:
+            return features
+        per_feature = weights.to(features).repeat_interleave(features.shape[-1] // weights.numel())
+        return features * per_feature
 
     def decode(self, features: torch.Tensor) -> torch.Tensor:
         """The MLP on features (N, F): float32 values (N,); under autocast in training steps with

@@ -34,8 +34,10 @@ from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
 # name -> overrides of the base: the field's class defaults (instant-ngp's 16 levels x 2 features, 2^21 table,
 # MLP 2 x 64, whatever the machine) with gridinr-fit's batch, learning rates and sampling. Overrides are field
-# settings by name, plus "batch", "lr", "lr_final", "continuous_fraction".
+# settings by name, plus "batch", "lr", "lr_final", "continuous_fraction" and "coarse_to_fine" (the share of the
+# time budget over which the levels are switched on from coarse to fine, as `coarse_to_fine_steps` does in steps).
 COMPACT = {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0}
+CPU_DEFAULT = {"num_levels": 8, "features_per_level": 2, "num_hidden_layers": 1, "hidden_dim": 16}
 VARIANTS: dict[str, dict] = {
     "16x2_mlp2x64": {},  # the defaults before this sweep
     "compact_8x1_linear": COMPACT,
@@ -60,12 +62,16 @@ VARIANTS: dict[str, dict] = {
     "compact_lr_3e-2": {**COMPACT, "lr": 3e-2},
     "compact_continuous_0": {**COMPACT, "continuous_fraction": 0.0},
     "compact_mlp_1x16": {**COMPACT, "hidden_dim": 16, "num_hidden_layers": 1},
+    # The CPU default since session 4 (8 x 2, hidden 16) and changes of it.
+    "cpu_default": CPU_DEFAULT,
+    "cpu_default_coarse_to_fine_0.2": {**CPU_DEFAULT, "coarse_to_fine": 0.2},
+    "cpu_default_coarse_to_fine_0.5": {**CPU_DEFAULT, "coarse_to_fine": 0.5},
     "compact_8x2_mlp_1x16": {**COMPACT, "features_per_level": 2, "hidden_dim": 16, "num_hidden_layers": 1},
     "compact_8x2_mlp_1x32": {**COMPACT, "features_per_level": 2, "hidden_dim": 32, "num_hidden_layers": 1},
     "compact_8x4_mlp_1x16": {**COMPACT, "features_per_level": 4, "hidden_dim": 16, "num_hidden_layers": 1},
     "16x2_mlp_1x16": {"hidden_dim": 16, "num_hidden_layers": 1},
 }
-TRAINING_KEYS = ("batch", "lr", "lr_final", "continuous_fraction")
+TRAINING_KEYS = ("batch", "lr", "lr_final", "continuous_fraction", "coarse_to_fine")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -113,8 +119,12 @@ def sweep_volume(data: str, names: list[str], seconds: float) -> dict:
         if not pending:
             break
         contender = min(pending, key=lambda c: cpu[c.name])
+        progress = min(cpu[contender.name] / seconds, 1.0)
+        ramp = VARIANTS[contender.name].get("coarse_to_fine", 0.0)
+        if ramp > 0:
+            contender.model.level_progress = min(1.0, progress / ramp)
         tick = clock()
-        contender.step(batches[contender.name], min(cpu[contender.name] / seconds, 1.0))
+        contender.step(batches[contender.name], progress)
         cpu[contender.name] += clock() - tick
     wall = time.perf_counter() - started
     rows = {}

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Literal, Type
 
 import numpy as np
 import torch
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
 from gridinr_nerfstudio.data.timesteps import step_times
 from gridinr_nerfstudio.data.volume_io import Volume
@@ -44,6 +45,17 @@ class FitModel(StageModel):
 
     def color_fn(self):
         return self.transfer_function()
+
+    def get_training_callbacks(self, training_callback_attributes):
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        ramp = self.config.field.coarse_to_fine_steps
+        if ramp > 0:  # set each step, so a resumed run continues the schedule where it was
+
+            def advance_levels(step: int) -> None:
+                self.field.level_progress = min(1.0, step / ramp)
+
+            callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], advance_levels))
+        return callbacks
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         grids = list(self.field.encoding.parameters()) + self.field.time_parameters()
