@@ -165,12 +165,16 @@ class Contender:
         for optimizer, (lr_init, lr_final) in zip(self.optimizers, self.lr_ranges):
             for group in optimizer.param_groups:
                 group["lr"] = lr_init * (lr_final / lr_init) ** progress
-        loss = (self.model.forward_unit(unit) - targets).square().mean()
+        predictions = self.model.forward_unit(unit)
+        loss = (predictions - targets).square().mean()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for optimizer in self.optimizers:
             optimizer.step()
+        report = getattr(self.sampler, "report", None)  # samplers that learn from the errors (sweep variants)
+        if report is not None:
+            report(points, (predictions.detach() - targets).square())
 
 
 def run(args: argparse.Namespace) -> dict:
