@@ -69,6 +69,8 @@ VARIANTS: dict[str, dict] = {
     "cpu_default_coarse_to_fine_0.5": {**CPU_DEFAULT, "coarse_to_fine": 0.5},
     "cpu_default_error_weighted_0.25": {**CPU_DEFAULT, "error_weighted": 0.25},
     "cpu_default_error_weighted_0.5": {**CPU_DEFAULT, "error_weighted": 0.5},
+    "cpu_default_coarse_to_fine_0.1": {**CPU_DEFAULT, "coarse_to_fine": 0.1},
+    "cpu_default_coarse_to_fine_0.2_error_weighted_0.25": {**CPU_DEFAULT, "coarse_to_fine": 0.2, "error_weighted": 0.25},
     "compact_8x2_mlp_1x16": {**COMPACT, "features_per_level": 2, "hidden_dim": 16, "num_hidden_layers": 1},
     "compact_8x2_mlp_1x32": {**COMPACT, "features_per_level": 2, "hidden_dim": 32, "num_hidden_layers": 1},
     "compact_8x4_mlp_1x16": {**COMPACT, "features_per_level": 4, "hidden_dim": 16, "num_hidden_layers": 1},
