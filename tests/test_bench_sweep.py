@@ -80,3 +80,26 @@ def test_error_weighted_sampler_draws_where_the_errors_are(write_raw_dataset):
     points, _ = sampler.batch(2000, 1)
     index = ((points[1000:] - aabb[0]) / (aabb[1] - aabb[0]) * torch.tensor([31.0, 15.0, 15.0])).round().long()
     assert float((index < 8).all(dim=-1).float().mean()) > 0.95
+
+
+def test_bench_contender_drives_the_coarse_to_fine_schedule(write_raw_dataset):
+    import torch
+
+    from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
+    from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
+    from gridinr_nerfstudio.gridinr_config import fit_trainer_config
+    from gridinr_nerfstudio.scripts.bench.fit import Contender
+    from gridinr_nerfstudio.scripts.bench.timing import Clock
+    from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+
+    volume = open_volume(write_raw_dataset({"v": [np.random.default_rng(3).random((6, 7, 8)).astype(np.float32)]}))
+    aabb = scene_aabb(volume)
+    settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=10, max_resolution=16, hidden_dim=16)
+    method = fit_trainer_config()
+    lr_finals = {name: group["scheduler"].lr_final for name, group in method.optimizers.items()}
+    contender = Contender("c2f", VolumeField(aabb, settings), method, lr_finals, None, VolumePointSampler(volume, aabb),
+                          aabb, Clock(torch.device("cpu")), coarse_to_fine=0.5)
+    contender.step(256, progress=0.25)
+    assert contender.model.level_progress == 0.5
+    contender.step(256, progress=0.9)
+    assert contender.model.level_progress == 1.0

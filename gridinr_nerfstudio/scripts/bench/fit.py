@@ -76,6 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-resolution", type=int, default=field.max_resolution)
     parser.add_argument("--hidden-dim", type=int, default=field.hidden_dim)
     parser.add_argument("--hidden-layers", type=int, default=field.num_hidden_layers)
+    parser.add_argument("--coarse-to-fine", type=float, default=field.coarse_to_fine_steps / method.max_num_iterations,
+                        help="share of the budget over which our fields switch their levels on from coarse to fine "
+                        "(default: the method's coarse_to_fine_steps / iterations; nerfstudio's encoder has none)")
     parser.add_argument("--lr", type=float, default=None, help="initial learning rate of both optimizers "
                         "(default: the method's, per optimizer)")
     parser.add_argument("--lr-final", type=float, default=None, help="learning rate at the end of the budget "
@@ -118,8 +121,10 @@ class Contender:
 
     def __init__(self, name: str, model: nn.Module, method: GridINRTrainerConfig, lr_finals: dict[str, float],
                  beta2: float | None, sampler: VolumePointSampler, aabb: torch.Tensor, clock: Clock,
-                 hash_mode: str | None = None):
+                 hash_mode: str | None = None, coarse_to_fine: float = 0.0):
         self.name = name
+        self.coarse_to_fine = coarse_to_fine
+        """Share of the budget over which a VolumeField's levels are switched on (its `level_progress`)."""
         self.clock = clock
         self.model = model
         self.sampler = sampler
@@ -140,6 +145,8 @@ class Contender:
 
     def step(self, batch_size: int, progress: float) -> None:
         """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress."""
+        if self.coarse_to_fine > 0 and hasattr(self.model, "level_progress"):
+            self.model.level_progress = min(1.0, progress / self.coarse_to_fine)
         self.seconds += self.clock.time(lambda: self._step(batch_size, progress))
         self.iterations += 1
 
@@ -219,7 +226,8 @@ def run(args: argparse.Namespace) -> dict:
         Contender(name, builders[name]().to(device), method, lr_finals, args.beta2,
                   make_point_sampler(volume, aabb.cpu(), device=device, resident=args.resident, sampling=args.sampling,
                                      continuous_fraction=args.continuous_fraction, subsample_factor=1), aabb, clock,
-                  hash_mode={"ours_dense": "dense", "ours_lazy": "lazy"}.get(name))
+                  hash_mode={"ours_dense": "dense", "ours_lazy": "lazy"}.get(name),
+                  coarse_to_fine=getattr(args, "coarse_to_fine", 0.0))
         for name in names
     ]
     for contender in contenders:
@@ -232,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {budget} per contender, "
           f"batch {args.batch} ({args.sampling}), {args.levels} levels x {args.features} features, "
           f"table 2^{args.log2_table}, resolutions {args.base_resolution}..{args.max_resolution}, {decoder}, "
-          f"lr {encoding_lr:g} -> {lr_final:g}; device {device_label(device)}, sampler {', '.join(samplers)}", flush=True)
+          f"lr {encoding_lr:g} -> {lr_final:g}, coarse-to-fine over {getattr(args, 'coarse_to_fine', 0.0):.0%} (ours); device {device_label(device)}, sampler {', '.join(samplers)}", flush=True)
     while True:
         if args.iterations > 0:  # equal work: whoever has done fewer steps goes next
             pending = [c for c in contenders if c.iterations < args.iterations]

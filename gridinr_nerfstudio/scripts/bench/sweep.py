@@ -39,6 +39,7 @@ from gridinr_nerfstudio.stages.fit.model import volume_psnr
 # and "error_weighted" (the share of each batch drawn by `ErrorWeightedSampler`).
 COMPACT = {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0}
 CPU_DEFAULT = {"num_levels": 8, "features_per_level": 2, "num_hidden_layers": 1, "hidden_dim": 16}
+# ("cpu_default" below: the field of the first session-4 decision, before its coarse-to-fine schedule was added.)
 VARIANTS: dict[str, dict] = {
     "16x2_mlp2x64": {},  # the defaults before this sweep
     "compact_8x1_linear": COMPACT,
@@ -164,7 +165,7 @@ def sweep_volume(data: str, names: list[str], seconds: float) -> dict:
         if overrides.get("error_weighted", 0.0) > 0:
             sampler = ErrorWeightedSampler(sampler, overrides["error_weighted"])
         contenders.append(Contender(name, VolumeField(aabb, settings), variant_method, lr_finals, None, sampler, aabb,
-                                    Clock(torch.device("cpu"))))
+                                    Clock(torch.device("cpu")), coarse_to_fine=overrides.get("coarse_to_fine", 0.0)))
         batches[name] = overrides.get("batch", resolve(datamanager.batch_size, "batch_size", "cpu"))
     started = time.perf_counter()
     cpu = {c.name: 0.0 for c in contenders}  # CPU seconds of this thread (see module docstring)
@@ -175,9 +176,6 @@ def sweep_volume(data: str, names: list[str], seconds: float) -> dict:
             break
         contender = min(pending, key=lambda c: cpu[c.name])
         progress = min(cpu[contender.name] / seconds, 1.0)
-        ramp = VARIANTS[contender.name].get("coarse_to_fine", 0.0)
-        if ramp > 0:
-            contender.model.level_progress = min(1.0, progress / ramp)
         tick = clock()
         contender.step(batches[contender.name], progress)
         cpu[contender.name] += clock() - tick
