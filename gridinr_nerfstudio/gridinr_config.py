@@ -56,8 +56,9 @@ class GridINRTrainerConfig(TrainerConfig):
             prepare_run(self)  # e.g. the edit stage adopts its stage-1 run (and its experiment name) here
         if hasattr(self.pipeline, "run_dir"):
             self.pipeline.run_dir = self.get_base_dir()
-        if hasattr(self.pipeline.datamanager, "max_iterations"):
-            self.pipeline.datamanager.max_iterations = self.max_num_iterations
+        for part in (self.pipeline.datamanager, self.pipeline.model):
+            if hasattr(part, "max_iterations"):
+                part.max_iterations = self.max_num_iterations
         for group in self.optimizers.values():
             if isinstance(group.get("scheduler"), LogLinearDecaySchedulerConfig):
                 group["scheduler"].max_steps = self.max_num_iterations

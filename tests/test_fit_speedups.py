@@ -113,7 +113,7 @@ def _field_pair(progress: float):
     from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 
     settings = VolumeFieldSettings(num_levels=4, features_per_level=2, log2_hashmap_size=10, base_resolution=4,
-                                   max_resolution=32, hidden_dim=16, num_hidden_layers=1, coarse_to_fine_steps=10)
+                                   max_resolution=32, hidden_dim=16, num_hidden_layers=1, coarse_to_fine=0.5)
     aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
     torch.manual_seed(0)
     field = VolumeField(aabb, settings)
@@ -169,7 +169,8 @@ def test_fit_model_callback_advances_the_schedule(tmp_path):
     _, pipeline, _, _ = load_run_pipeline(config_path, test_mode="test")
     model = pipeline.model
     assert model.field.level_progress == 1.0  # loaded runs use every level
-    model.config.field.coarse_to_fine_steps = 10
+    model.config.field.coarse_to_fine = 0.5
+    model.config.max_iterations = 20  # the schedule spans steps 0..10
     callbacks = model.get_training_callbacks(None)
     for callback in callbacks:
         callback.run_callback_at_location(step=4, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)

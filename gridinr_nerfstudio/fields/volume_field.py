@@ -80,10 +80,11 @@ class VolumeFieldSettings:
     backend: str = "auto"
     """Hash-grid backend: auto (CUDA: tiny-cuda-nn when installed, else our Triton kernels; CPU: our C++ kernels;
     else torch), tcnn, triton, cpp, torch."""
-    coarse_to_fine_steps: int = 0
-    """Switch the levels on from coarse to fine over the first this many training steps (level l fades in while
-    `level_progress` * num_levels goes from l - 1 to l), so early steps fit the coarse shape before fine levels
-    add detail; 0: every level from the start. `gridinr-bench sweep` measures it (docs/cpu_profiles.md)."""
+    coarse_to_fine: float = 0.0
+    """Share of the training steps (of `--max-num-iterations`) over which the levels are switched on from coarse to
+    fine (level l fades in while `level_progress` * num_levels goes from l - 1 to l), so early steps fit the coarse
+    shape before fine levels add detail; 0: every level from the start. Measured by `gridinr-bench sweep`
+    (docs/cpu_profiles.md)."""
     mixed_precision: bool = False
     """Training steps run the decoder MLP under torch.autocast (float16 on CUDA, with a static loss scale of
     `LOSS_SCALE` inside the decoder; bfloat16 elsewhere). The hash tables, their gradients and optimizer state,

@@ -76,9 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-resolution", type=int, default=field.max_resolution)
     parser.add_argument("--hidden-dim", type=int, default=field.hidden_dim)
     parser.add_argument("--hidden-layers", type=int, default=field.num_hidden_layers)
-    parser.add_argument("--coarse-to-fine", type=float, default=field.coarse_to_fine_steps / method.max_num_iterations,
+    parser.add_argument("--coarse-to-fine", type=float, default=field.coarse_to_fine,
                         help="share of the budget over which our fields switch their levels on from coarse to fine "
-                        "(default: the method's coarse_to_fine_steps / iterations; nerfstudio's encoder has none)")
+                        "(default: the method's; nerfstudio's encoder has none)")
     parser.add_argument("--lr", type=float, default=None, help="initial learning rate of both optimizers "
                         "(default: the method's, per optimizer)")
     parser.add_argument("--lr-final", type=float, default=None, help="learning rate at the end of the budget "

@@ -35,7 +35,7 @@ from gridinr_nerfstudio.stages.fit.model import volume_psnr
 # name -> overrides of the base: the field's class defaults (instant-ngp's 16 levels x 2 features, 2^21 table,
 # MLP 2 x 64, whatever the machine) with gridinr-fit's batch, learning rates and sampling. Overrides are field
 # settings by name, plus "batch", "lr", "lr_final", "continuous_fraction" and "coarse_to_fine" (the share of the
-# time budget over which the levels are switched on from coarse to fine, as `coarse_to_fine_steps` does in steps)
+# time budget over which the levels are switched on from coarse to fine, as the field's `coarse_to_fine` does with steps)
 # and "error_weighted" (the share of each batch drawn by `ErrorWeightedSampler`).
 COMPACT = {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0}
 CPU_DEFAULT = {"num_levels": 8, "features_per_level": 2, "num_hidden_layers": 1, "hidden_dim": 16}

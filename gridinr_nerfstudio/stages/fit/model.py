@@ -27,6 +27,8 @@ class FitModelConfig(StageModelConfig):
     _target: Type = field(default_factory=lambda: FitModel)
     field: VolumeFieldSettings = field(default_factory=VolumeFieldSettings)
     """Encoding and MLP sizes."""
+    max_iterations: int = 1000
+    """The run's training steps (set from --max-num-iterations when the run starts), for the coarse-to-fine schedule."""
     loss: Literal["l2", "l1"] = "l2"
     """Loss on normalised values."""
     volume_psnr_chunk: int = 1 << 18
@@ -48,7 +50,7 @@ class FitModel(StageModel):
 
     def get_training_callbacks(self, training_callback_attributes):
         callbacks = super().get_training_callbacks(training_callback_attributes)
-        ramp = self.config.field.coarse_to_fine_steps
+        ramp = self.config.field.coarse_to_fine * self.config.max_iterations
         if ramp > 0:  # set each step, so a resumed run continues the schedule where it was
 
             def advance_levels(step: int) -> None:
