@@ -167,11 +167,11 @@ def assert_same_run(whole: Path, resumed: Path, iterations: int) -> None:
         assert resumed_state["schedulers"][group]["last_epoch"] == scheduler["last_epoch"]
 
 
-@pytest.mark.parametrize("prefetch", ["auto", "on"])  # "on": batches made one step ahead (stages/fit/prefetch.py)
-def test_a_killed_and_resumed_fit_equals_an_uninterrupted_one(tmp_path, monkeypatch, prefetch):
+# "on": batches made one step ahead (stages/fit/prefetch.py); error-weighted batches depend on the errors reported
+@pytest.mark.parametrize("overrides", [{"prefetch": "auto"}, {"prefetch": "on"}, {"error_weighted_fraction": 0.25}])
+def test_a_killed_and_resumed_fit_equals_an_uninterrupted_one(tmp_path, monkeypatch, overrides):
     def train(output, iterations, configure):
-        return train_tiny_fit(output, iterations=iterations, configure=configure,
-                              datamanager_overrides={"prefetch": prefetch})
+        return train_tiny_fit(output, iterations=iterations, configure=configure, datamanager_overrides=overrides)
 
     whole, resumed = kill_and_resume(train, tmp_path, monkeypatch, iterations=12, kill_at=6, save_every=4)
     assert_same_run(whole, resumed, 12)

@@ -30,13 +30,15 @@ from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.fit import Contender
 from gridinr_nerfstudio.scripts.bench.timing import Clock
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+from gridinr_nerfstudio.stages.fit.error_sampling import ErrorWeightedSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
 # name -> overrides of the base: the field's class defaults (instant-ngp's 16 levels x 2 features, 2^21 table,
 # MLP 2 x 64, whatever the machine) with gridinr-fit's batch, learning rates and sampling. Overrides are field
 # settings by name, plus "batch", "lr", "lr_final", "continuous_fraction" and "coarse_to_fine" (the share of the
 # time budget over which the levels are switched on from coarse to fine, as the field's `coarse_to_fine` does with steps)
-# and "error_weighted" (the share of each batch drawn by `ErrorWeightedSampler`).
+# and "error_weighted" (the share of each batch drawn by `ErrorWeightedSampler`, as the datamanager's
+# `error_weighted_fraction` does).
 COMPACT = {"num_levels": 8, "features_per_level": 1, "num_hidden_layers": 0}
 CPU_DEFAULT = {"num_levels": 8, "features_per_level": 2, "num_hidden_layers": 1, "hidden_dim": 16}
 # ("cpu_default" below: the field of the first session-4 decision, before its coarse-to-fine schedule was added.)
@@ -92,54 +94,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see gridinr-bench fit)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown to this file")
     return parser
-
-
-class ErrorWeightedSampler:
-    """An experiment of the sweep, not (yet) a datamanager option: a share of each batch drawn from voxel blocks
-    (8^3) in proportion to their recent mean squared error, the rest from the wrapped sampler.
-
-    The errors come back through `report` after each step (an exponential moving average per block, every block
-    starting at the first batch's mean, so unseen blocks are drawn as often as average ones). Points are voxel
-    centres with exact targets, like voxel batches.
-    """
-
-    def __init__(self, sampler: VolumePointSampler, share: float, block: int = 8, decay: float = 0.2):
-        self.sampler, self.share, self.block, self.decay = sampler, share, block, decay
-        self.dims = sampler.dims  # (X, Y, Z)
-        self.blocks = torch.div(self.dims + block - 1, block, rounding_mode="floor")
-        self.error = torch.ones(int(self.blocks.prod()))
-        self.started = False
-
-    def batch(self, count: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        drawn = int(self.share * count)
-        points, values = self.sampler.batch(count - drawn, step)
-        if drawn == 0:
-            return points, values
-        generator = self.sampler.generator
-        ids = torch.multinomial(self.error.clamp_min(1e-20), drawn, replacement=True, generator=generator)
-        block = torch.stack([ids % self.blocks[0], ids // self.blocks[0] % self.blocks[1],
-                             ids // (self.blocks[0] * self.blocks[1])], dim=-1)
-        offset = torch.floor(torch.rand(drawn, 3, generator=generator) * self.block).long()
-        voxel = torch.minimum(block * self.block + offset, self.dims - 1)
-        flat = (voxel[:, 0] + self.dims[0] * (voxel[:, 1] + self.dims[1] * voxel[:, 2])).sort().values
-        extra_points, extra_values = self.sampler.voxel_batch(flat)
-        return torch.cat([points, extra_points]), torch.cat([values, extra_values])
-
-    @torch.no_grad()
-    def report(self, points: torch.Tensor, squared_errors: torch.Tensor) -> None:
-        """Fold the squared errors (N,) of points (N, 3) into their blocks' moving averages."""
-        aabb = self.sampler.aabb
-        voxel = ((points.cpu() - aabb[0]) / (aabb[1] - aabb[0]) * (self.dims - 1)).round().long()
-        block = torch.minimum(torch.div(voxel.clamp_min(0), self.block, rounding_mode="floor"), self.blocks - 1)
-        ids = block[:, 0] + self.blocks[0] * (block[:, 1] + self.blocks[1] * block[:, 2])
-        squared_errors = squared_errors.cpu().float()
-        if not self.started:
-            self.error.fill_(float(squared_errors.mean()))
-            self.started = True
-        sums = torch.zeros_like(self.error).index_add_(0, ids, squared_errors)
-        counts = torch.bincount(ids, minlength=self.error.numel()).float()
-        seen = counts > 0
-        self.error[seen] = (1 - self.decay) * self.error[seen] + self.decay * sums[seen] / counts[seen]
 
 
 def sweep_volume(data: str, names: list[str], seconds: float) -> dict:

@@ -32,6 +32,8 @@ class FitPipeline(StagePipeline):
         points, batch = self.datamanager.next_train(step)
         outputs = self.model.get_point_outputs(points, batch.get("times"))
         metrics_dict = self.model.get_metrics_dict(outputs, batch)
+        if getattr(self.datamanager, "learns_from_errors", False):  # error-weighted batches: where it is still wrong
+            self.datamanager.report_errors(points, (outputs["value"].detach() - batch["values"]).square())
         return outputs, self.model.get_loss_dict(outputs, batch, metrics_dict), metrics_dict
 
     @torch.no_grad()
