@@ -50,6 +50,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32, device=min_values.device))
         self.register_buffer("occupied", torch.ones_like(min_values, dtype=torch.bool))
         self.register_buffer("_lookup", self._padded_lookup(), persistent=False)
+        self._occupied_share: float | None = None
 
     @classmethod
     def from_volume(
@@ -141,6 +142,6 @@ class OccupancyGrid(nn.Module):
 
     def occupied_fraction(self) -> float:
         """Share of the cells that are occupied (computed once per `update`)."""
-        if getattr(self, "_occupied_share", None) is None:
+        if self._occupied_share is None:
             self._occupied_share = float(self.occupied.float().mean())
         return self._occupied_share
