@@ -35,6 +35,9 @@ class GridINRTrainerConfig(TrainerConfig):
     """
 
     _target: Type = field(default_factory=lambda: GridINRTrainer)
+    final_evaluation: bool = True
+    """End the run with a full evaluation (a metrics.csv row; stage 2: reference/edit pairs), once, whatever
+    --steps-per-eval-all-images and --vis are. False only to time training alone (gridinr-bench memory)."""
 
     def set_experiment_name(self) -> None:
         if self.experiment_name is None and self.pipeline.datamanager.data is None:
@@ -43,10 +46,12 @@ class GridINRTrainerConfig(TrainerConfig):
         super().set_experiment_name()
 
     def set_timestamp(self) -> None:
-        """ns-train's first call: bad inputs end here in one line, before the config dump and the run folder."""
+        """ns-train's first call: bad inputs end here in one line, before the config dump and the run folder;
+        a resume (`--load-dir`) is pointed at the run it continues (stages/resume.py)."""
         from gridinr_nerfstudio.stages.validation import exit_on_bad_inputs
 
-        exit_on_bad_inputs(self)
+        method_defaults = METHOD_DEFAULTS.get(self.method_name or "")
+        exit_on_bad_inputs(self, method_defaults() if method_defaults is not None else None)
         super().set_timestamp()
 
     def save_config(self) -> None:
@@ -252,3 +257,8 @@ gridinr_edit_fast = MethodSpecification(
     config=edit_fast_trainer_config(),
     description="Stage 2, fast profile: a CLIP edit in minutes on a CPU (half-size renders, 1 crop, directional loss).",
 )
+
+
+METHOD_DEFAULTS = {"gridinr-fit": fit_trainer_config, "gridinr-edit": edit_trainer_config,
+                   "gridinr-edit-fast": edit_fast_trainer_config}
+"""Each method's default config (a resumed run takes its own value for an option left at its default)."""

@@ -171,26 +171,44 @@ def list_checkpoints(folder: Path) -> List[Tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def read_newest_checkpoint(folder: Path) -> Tuple[Path, int, Dict[str, Any]]:
-    """(path, step, state) of the newest checkpoint of `folder` that loads (weights_only).
+def read_checkpoint(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """A checkpoint's state (weights_only); ValueError naming the file when it does not load or is not one.
 
-    A checkpoint that does not load (truncated by a kill during the save, an older trainer's partial file) is
-    skipped with one line, and the next older one is tried.
+    `mmap=True` maps the tensors instead of reading them: a cheap check that the file loads.
     """
     import torch
 
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if not mmap or "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
+    except Exception as error:  # truncated zip, bad pickle, foreign data
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"{path}: checkpoint does not load ({type(error).__name__}: {reason})") from None
+    if not isinstance(state, dict) or "pipeline" not in state:
+        raise ValueError(f"{path}: not a nerfstudio checkpoint (no pipeline state)")
+    return state
+
+
+def read_newest_checkpoint(folder: Path, mmap: bool = False,
+                           report: Optional[Callable[[str], None]] = print) -> Tuple[Path, int, Dict[str, Any]]:
+    """(path, step, state) of the newest checkpoint of `folder` that loads (weights_only).
+
+    A checkpoint that does not load (truncated by a kill during the save, an older trainer's partial file) is
+    skipped with one line (`report`; None: silently), and the next older one is tried.
+    """
     checkpoints = list_checkpoints(folder)
     if not checkpoints:
         raise FileNotFoundError(f"{folder}: no step-*.ckpt checkpoint")
     for step, path in checkpoints:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated zip, bad pickle, foreign data: try the next older one
-            reason = " ".join(str(error).split())[:200]
-            print(f"{path}: skipping a checkpoint that does not load ({type(error).__name__}: {reason})")
-            continue
-        if not isinstance(state, dict) or "pipeline" not in state:
-            print(f"{path}: skipping a file that is not a nerfstudio checkpoint")
+            state = read_checkpoint(path, mmap=mmap)
+        except ValueError as error:
+            if report is not None:
+                report(f"{error}: skipped")
             continue
         return path, int(state.get("step", step)), state
     raise FileNotFoundError(f"{folder}: none of the {len(checkpoints)} step-*.ckpt checkpoints loads")

@@ -13,18 +13,29 @@ Three changes to nerfstudio 1.1.5's `Trainer`, each for a failure seen on real r
   Here `max_num_iterations` is the run's total: a resumed run stops at the same last step as an uninterrupted
   one. Checkpoints also carry the random state (torch's generators and the data manager's samplers), so a run
   killed after a checkpoint and resumed trains on the same batches as one that was never stopped.
+- **Resume in place.** `--load-dir RUN/nerfstudio_models` continues RUN itself (`stages/resume.py` points the
+  run folder there before ns-train writes anything): its checkpoints, metrics.csv and train_log.csv go on, and
+  the log rows of steps after the loaded checkpoint (the part of the run a kill lost, trained again now) are
+  dropped so the history reads as one run.
+- **Every run ends with its full evaluation**, once: nerfstudio evaluates all images only at multiples of
+  `--steps-per-eval-all-images` and never with `--vis viewer`, and its last step is `max_num_iterations - 1`, so
+  with the methods' defaults (equal numbers) no run was ever evaluated. Here the end of training saves the last
+  checkpoint (unless that step is saved already) and evaluates every eval view (a metrics.csv row; stage 2: the
+  reference/edit pairs) unless metrics.csv already holds a row for that step.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from nerfstudio.engine.trainer import Trainer
+from nerfstudio.utils import comms, writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from gridinr_nerfstudio.eval import eval_log, train_log
 from gridinr_nerfstudio.runs import list_checkpoints, read_newest_checkpoint, save_checkpoint_atomically
 
 
@@ -51,7 +62,11 @@ def restore_random_state(pipeline, state: Dict[str, Any]) -> None:
 
 
 class GridINRTrainer(Trainer):
-    """nerfstudio's Trainer with atomic checkpoints and a resume that ends where the uninterrupted run ends."""
+    """nerfstudio's Trainer with atomic checkpoints, a resume that continues its run to the same end, and a full
+    evaluation at the end of every run."""
+
+    saved_step: Optional[int] = None
+    """Step of the checkpoint in this run's folder that holds the current state (not saved again)."""
 
     def _load_checkpoint(self) -> None:
         load_dir, load_checkpoint = self.config.load_dir, self.config.load_checkpoint
@@ -73,9 +88,20 @@ class GridINRTrainer(Trainer):
         self.grad_scaler.load_state_dict(state["scalers"])
         if "random_state" in state:
             restore_random_state(self.pipeline, state["random_state"])
+        if path.parent.resolve() == self.checkpoint_dir.resolve():  # resumed in place
+            self.saved_step = int(state["step"])
+            self.drop_log_rows_after(self.saved_step)
         remaining = max(0, self.config.max_num_iterations - self._start_step)
         CONSOLE.print(f"Done loading Nerfstudio checkpoint from {path}: continuing at step {self._start_step} "
                       f"of {self.config.max_num_iterations} ({remaining} steps left)")
+
+    def drop_log_rows_after(self, step: int) -> None:
+        """A run resumed in place trains the steps after its checkpoint again: their old log rows go."""
+        dropped = eval_log.drop_rows_after(self.base_dir / "metrics.csv", step)
+        dropped += train_log.drop_rows_after(self.base_dir / "train_log.csv", step)
+        if dropped:
+            CONSOLE.print(f"Dropped {dropped} log rows of steps after {step} from {self.base_dir} (metrics.csv, "
+                          "train_log.csv): the part of the run that was lost after that checkpoint, trained again now")
 
     def train(self) -> None:
         """nerfstudio's loop, run from the loaded step to `max_num_iterations` in all (not that many more)."""
@@ -89,9 +115,35 @@ class GridINRTrainer(Trainer):
         finally:
             self.config.max_num_iterations = total
 
+    def _after_train(self) -> None:
+        """The last checkpoint, then the full evaluation, then nerfstudio's end (banner, callbacks, viewer)."""
+        self.save_checkpoint(self.step)
+        self.evaluate_at_end()
+        super()._after_train()  # its own save of this step is skipped: saved just now
+
+    def evaluate_at_end(self) -> None:
+        """Evaluate every eval view at the last step, unless metrics.csv holds that step already (an evaluation
+        during training at the same step, or a completed run resumed again), whatever `--vis` is."""
+        if not self.config.final_evaluation or not comms.is_main_process():
+            return
+        if not self.pipeline.datamanager.eval_dataset:
+            return
+        if eval_log.has_row_for_step(self.base_dir / "metrics.csv", self.step):
+            return
+        with self.train_lock:
+            metrics = self.pipeline.get_average_eval_image_metrics(step=self.step)
+        writer.put_dict(name="Eval Images Metrics Dict (all images)", scalar_dict=metrics, step=self.step)
+        writer.write_out_storage()
+
     @check_main_thread
     def save_checkpoint(self, step: int) -> None:
-        """Write `step-N.ckpt` atomically; older checkpoints are deleted (when latest-only) once it is complete."""
+        """Write `step-N.ckpt` atomically; older checkpoints are deleted (when latest-only) once it is complete.
+
+        A step saved already (the last step when `--steps-per-save` divides it, a completed run resumed) is not
+        written twice."""
+        path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        if self.saved_step == step and path.is_file():
+            return
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
         state = {
             "step": step,
@@ -101,8 +153,8 @@ class GridINRTrainer(Trainer):
             "scalers": self.grad_scaler.state_dict(),
             "random_state": random_state(self.pipeline),
         }
-        path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         save_checkpoint_atomically(state, path, scratch_dir=self.base_dir)
+        self.saved_step = step
         if self.config.save_only_latest_checkpoint:
             for _, older in list_checkpoints(self.checkpoint_dir):
                 if older != path:

@@ -18,21 +18,38 @@ from gridinr_nerfstudio.data.volume_io import Volume, VolumeError
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+def timesteps_problem(spec: Optional[str]) -> Optional[str]:
+    """What is wrong with a `--timesteps` value as written ('all', 'N' or 'A:B', 1-based), or None.
+
+    Whether the steps exist is a question for the volume (`parse_timesteps`)."""
+    if spec is None or str(spec).strip() == "" or str(spec).strip().lower() == "all":
+        return None
+    text = str(spec).strip()
+    match = _RANGE.match(text)
+    numbers = [int(text)] if text.isdigit() else [int(match[1]), int(match[2])] if match else None
+    if numbers is None:
+        return "must be 'all', a step N or a range A:B (1-based, inclusive)"
+    if min(numbers) < 1:
+        return f"has step {min(numbers)} out of range (steps are numbered from 1)"
+    if len(numbers) == 2 and numbers[0] > numbers[1]:
+        return "is an empty range (A:B needs A <= B)"
+    return None
+
+
 def parse_timesteps(spec: Optional[str], default: int, total: int, where: Path | str) -> list[int]:
     """Steps selected by `spec`: None -> [default]; "all"; "N"; "A:B" (inclusive). Raises VolumeError naming `where`."""
+    problem = timesteps_problem(spec)
+    if problem is not None:
+        raise VolumeError(f"{where}: timesteps {problem}, got {spec!r}")
     if spec is None or str(spec).strip() == "":
         steps = [int(default)]
     elif str(spec).strip().lower() == "all":
         steps = list(range(1, total + 1))
     elif str(spec).strip().isdigit():
         steps = [int(spec)]
-    elif (match := _RANGE.match(str(spec))) is not None:
-        first, last = int(match[1]), int(match[2])
-        if first > last:
-            raise VolumeError(f"{where}: time step range {spec!r} is empty (A:B needs A <= B)")
-        steps = list(range(first, last + 1))
     else:
-        raise VolumeError(f"{where}: timesteps must be 'all', a step N or a range A:B (1-based), got {spec!r}")
+        match = _RANGE.match(str(spec))
+        steps = list(range(int(match[1]), int(match[2]) + 1))
     bad = [step for step in steps if not 1 <= step <= total]
     if bad:
         raise VolumeError(f"{where}: time step {bad[0]} out of range (valid: 1..{total})")

@@ -72,6 +72,38 @@ def append_metrics_row(csv_path: Path, run: str, stage: str, step: int, metrics:
     os.replace(temporary, csv_path)  # a reader never sees a half-written file
 
 
+def has_row_for_step(csv_path: Path, step: int) -> bool:
+    """Whether the metrics CSV holds a row for `step` (the final evaluation runs once per step, not again)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file() or csv_path.stat().st_size == 0:
+        return False
+    return any(row.get("step") == str(int(step)) for row in read_metrics_csv(csv_path)[1])
+
+
+def drop_rows_after(csv_path: Path, step: int) -> int:
+    """Remove the rows of steps after `step` (a resumed run redoes them); returns how many were removed."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file() or csv_path.stat().st_size == 0:
+        return 0
+    columns, rows = read_metrics_csv(csv_path)
+    kept = [row for row in rows if not _step_after(row.get("step"), step)]
+    if len(kept) < len(rows):
+        temporary = csv_path.with_name(csv_path.name + ".tmp")
+        with temporary.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temporary, csv_path)
+    return len(rows) - len(kept)
+
+
+def _step_after(text: str | None, step: int) -> bool:
+    try:
+        return int(text) > step  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def _as_rgb_uint8(image: torch.Tensor | np.ndarray, index: int) -> np.ndarray:
     array = (
         image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=np.float32)

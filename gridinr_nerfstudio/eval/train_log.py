@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +36,8 @@ class TrainLogWriter(ns_writer.Writer):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.is_file() or self.path.stat().st_size == 0:
             self.path.write_text(",".join(COLUMNS) + "\n")
-        self.started = time.perf_counter()
+        # A resumed run appends to its own log: its clock goes on from the last row instead of restarting at 0.
+        self.started = time.perf_counter() - last_seconds(self.path)
         self.eta: float | None = None
 
     def write_scalar(self, name: Any, scalar: Any, step: int) -> None:
@@ -77,6 +79,47 @@ def _number(scalar: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def last_seconds(path: Path) -> float:
+    """The `seconds` of the log's last readable row (0 for a new or empty log)."""
+    if not Path(path).is_file():
+        return 0.0
+    for row in reversed(_rows(path)):
+        try:
+            return float(row["seconds"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return 0.0
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of steps after `step` (a resumed run redoes them); returns how many were removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = _rows(path)
+    kept = [row for row in rows if not _after(row.get("step"), step)]
+    if len(kept) < len(rows):
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore", restval="")
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temporary, path)
+    return len(rows) - len(kept)
+
+
+def _after(text: str | None, step: int) -> bool:
+    try:
+        return int(text) > step  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def install_train_log(path: Path) -> TrainLogWriter:
