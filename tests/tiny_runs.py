@@ -39,13 +39,15 @@ def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None
 
 
 def short_run(config, output_dir: Path, timestamp: str, iterations: int):
-    """`iterations` steps, no viewer, no evaluation during training, one checkpoint at the end."""
+    """`iterations` steps, no viewer, no evaluation (during training or at the end: a test that wants the final
+    evaluation sets `final_evaluation`), one checkpoint at the end."""
     config.output_dir = output_dir
     config.timestamp = timestamp
     config.vis = "tensorboard"
     config.max_num_iterations = iterations
     config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = iterations + 1
     config.steps_per_save = iterations
+    config.final_evaluation = False
     return config
 
 

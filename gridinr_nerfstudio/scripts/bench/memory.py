@@ -110,6 +110,7 @@ def child_run(spec: dict) -> None:
     iterations = spec["iterations"]
     config.max_num_iterations = config.steps_per_save = iterations
     config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = iterations + 1
+    config.final_evaluation = False  # training alone (the final evaluation's volume PSNR reads every voxel)
     datamanager = config.pipeline.datamanager
     datamanager.batch_size, datamanager.preload_max_bytes = spec["batch"], 0
     dataparser = datamanager.dataparser
