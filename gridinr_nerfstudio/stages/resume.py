@@ -31,6 +31,8 @@ from gridinr_nerfstudio.stages.options import MISSING, get_option, iter_options,
 
 LOCATION = ("output_dir", "experiment_name", "timestamp")
 """Options that place the run folder: a run resumed in place keeps its own."""
+RESUME_OPTIONS = ("load_dir", "load_step", "load_checkpoint", "load_config")
+"""The resume's own options: not settings of the run."""
 
 
 class ResumeError(ValueError):
@@ -97,7 +99,7 @@ def adopt_run_settings(config, saved, defaults, run_dir: Path, in_place: bool) -
     returns the allowed changes, raises ResumeError listing the refused ones."""
     changes, refused = [], []
     for option in iter_options(config):
-        if option.path in LOCATION:
+        if option.path in LOCATION or option.path in RESUME_OPTIONS:
             continue
         try:
             old = get_option(saved, option.path)
