@@ -101,13 +101,15 @@ class GridINRTrainer(Trainer):
         dropped += train_log.drop_rows_after(self.base_dir / "train_log.csv", step)
         if dropped:
             CONSOLE.print(f"Dropped {dropped} log rows of steps after {step} from {self.base_dir} (metrics.csv, "
-                          "train_log.csv): the part of the run that was lost after that checkpoint, trained again now")
+                          "train_log.csv): the part of the run that was lost after that checkpoint, trained again now",
+                          soft_wrap=True, markup=False)
 
     def train(self) -> None:
         """nerfstudio's loop, run from the loaded step to `max_num_iterations` in all (not that many more)."""
         total = self.config.max_num_iterations
         if self._start_step >= total:
-            CONSOLE.print(f"The loaded checkpoint already completed all {total} steps: nothing left to train")
+            CONSOLE.print(f"The loaded checkpoint already completed all {total} steps: nothing left to train (the run "
+                          "is evaluated only if its metrics.csv lacks its last step)", soft_wrap=True)
             self.step = self._start_step - 1
         self.config.max_num_iterations = max(0, total - self._start_step)  # nerfstudio runs range(start, start + this)
         try:

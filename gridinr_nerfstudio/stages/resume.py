@@ -146,7 +146,8 @@ def plan_resume(config, defaults) -> Optional[ResumePlan]:
     saved = load_run_config(saved_path)  # RunConfigError: one line
     if saved.method_name != config.method_name:
         raise ResumeError(f"{saved_path}: a {saved.method_name} run; resume it with ns-train {saved.method_name}")
-    in_place = run_dir.resolve().parent.name == config.method_name
+    in_place = (run_dir.resolve().parent.name == config.method_name
+                and checkpoint.parent.name == Path(config.relative_model_dir).name)
     if in_place:
         newest = read_newest_checkpoint(checkpoint.parent, mmap=True, report=None)[0]
         if newest.resolve() != checkpoint.resolve():
@@ -173,9 +174,9 @@ def announce_resume(config, plan: ResumePlan) -> None:
             shutil.copyfile(where / "config.yml", previous)
             kept = f" (its earlier config.yml kept as {previous.name})"
         CONSOLE.print(f"Resuming {where} in place from {plan.checkpoint.name} (step {plan.step}): checkpoints, "
-                      f"metrics.csv and train_log.csv continue there{changed}{kept}")
+                      f"metrics.csv and train_log.csv continue there{changed}{kept}", soft_wrap=True, markup=False)
     else:
         why = (f"{plan.checkpoint.parent} is not inside a run folder with a config.yml" if plan.run_dir is None else
                f"{plan.run_dir} is not laid out as OUTPUT/EXPERIMENT/{config.method_name}/TIMESTAMP")
         CONSOLE.print(f"Continuing from {plan.checkpoint} (step {plan.step}) in a new run folder {where} ({why})"
-                      f"{changed}")
+                      f"{changed}", soft_wrap=True, markup=False)
