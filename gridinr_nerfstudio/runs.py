@@ -9,6 +9,7 @@ Configs written before the package layout moved (flat `gridinr_nerfstudio.<modul
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 import importlib
@@ -50,6 +51,10 @@ OLD_LAYOUT = {
     "gridinr_nerfstudio.edit_datamanager.EditDataManager": "gridinr_nerfstudio.stages.edit.datamanager.EditDataManager",
 }
 """Names in configs written before the layout moved (release 0.1, flat package) -> where they live now."""
+
+
+_CHECKPOINT_CHOSEN = contextvars.ContextVar("gridinr_checkpoint_chosen", default=False)
+"""True while `load_run_pipeline` sets a pipeline up: it has picked the checkpoint, nerfstudio's loader will not."""
 
 
 class RunConfigError(ValueError):
@@ -148,7 +153,11 @@ def load_run_pipeline(
     config.load_dir = Path(config_path).parent / "nerfstudio_models"
     checkpoint, step, state = read_newest_checkpoint(Path(config.load_dir))  # before the (slow) setup
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = config.pipeline.setup(device=device, test_mode=test_mode)
+    chosen = _CHECKPOINT_CHOSEN.set(True)
+    try:
+        pipeline = config.pipeline.setup(device=device, test_mode=test_mode)
+    finally:
+        _CHECKPOINT_CHOSEN.reset(chosen)
     pipeline.eval()
     pipeline.load_pipeline(state["pipeline"], state["step"])
     return config, pipeline, checkpoint, step
@@ -205,8 +214,8 @@ def exit_unless_nerfstudio_finds_a_checkpoint(folder: Path) -> None:
     import sys
 
     folder = Path(folder)
-    if not folder.is_dir():
-        return
+    if _CHECKPOINT_CHOSEN.get() or not folder.is_dir():
+        return  # our own loaders have picked the checkpoint already (and skip stray files)
     program = Path(sys.argv[0]).name or "nerfstudio"
     if not list_checkpoints(folder):
         raise SystemExit(f"{program}: error: {folder}: no step-*.ckpt checkpoint in the run folder (none was saved, "

@@ -79,20 +79,24 @@ def evaluate(config_path: Path, render_output_path: Path | None = None):
     return config, checkpoint, metrics
 
 
-def recorded_run_dir(config) -> Path | None:
-    """The run folder config.yml was written for (what ns-eval would read)."""
-    run_dir = getattr(config.pipeline, "run_dir", None)
-    return Path(run_dir) if run_dir is not None else None
+def recorded_run_dir(config_path: Path) -> Path:
+    """The run folder config.yml was written for (what ns-eval would read), as the file records it."""
+    from gridinr_nerfstudio.runs import load_run_config
+
+    config = load_run_config(config_path)
+    return Path(config.get_base_dir())
 
 
 def main(argv: list[str] | None = None) -> int:
     from gridinr_nerfstudio.data.volume_io import VolumeError
+    from gridinr_nerfstudio.runs import RunConfigError
     from gridinr_nerfstudio.safe_write import OutputError, atomic_output, staged_folder
 
     args = build_parser().parse_args(argv)
     run_dir = args.load_config.parent
     try:
         check_arguments(args)
+        recorded = recorded_run_dir(args.load_config)
         from contextlib import nullcontext
 
         renders = (staged_folder(args.render_output_path, RENDER_PATTERN, args.overwrite)
@@ -103,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                   "checkpoint": str(checkpoint), "results": metrics}
         with atomic_output(args.output_path, args.overwrite, run_files(args.load_config)) as temporary:
             temporary.write_text(json.dumps(result, indent=2), "utf8")
-    except (EvalError, OutputError, VolumeError, OSError) as error:
+    except (EvalError, OutputError, RunConfigError, VolumeError, OSError) as error:
         print(f"gridinr-eval: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    recorded = recorded_run_dir(config)
-    if recorded is not None and recorded.resolve() != run_dir.resolve():
+    if recorded.resolve() != run_dir.resolve():
         print(f"evaluated the run folder {run_dir} (its config.yml was written for {recorded}; ns-eval would have "
               "read that one)")
     print(f"checkpoint {checkpoint}; metrics row appended to {run_dir / 'metrics.csv'}")
