@@ -314,10 +314,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_export_onto_the_runs_own_volume_is_refused_and_the_volume_survives(int_volume_run, write_raw_dataset_module,
-                                                                          tmp_path):
+                                                                          tmp_path, capsys):
     """As a user would: `--output DATA.raw` names the dataset folder the run was trained on. Before, the .raw writer
     truncated the memory-mapped source (Bus error, exit 135, a 0-byte volume). A copy of the run on a copy of the
-    data, in a process of its own."""
+    data, the user's command in a process of its own; then with --overwrite, which never reaches a run input."""
     import os
     import subprocess
     import sys
@@ -328,14 +328,17 @@ def test_export_onto_the_runs_own_volume_is_refused_and_the_volume_survives(int_
     config = relocated_run(int_volume_run, tmp_path / "outputs", data=data)
     before = snapshot(data)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-m", "gridinr_nerfstudio.scripts.export", "volume", "--load-config",
-                             str(config), "--output", str(tmp_path / "blob.raw"), "--overwrite"],
+    argv = ["volume", "--load-config", str(config), "--output", str(tmp_path / "blob.raw")]
+    result = subprocess.run([sys.executable, "-m", "gridinr_nerfstudio.scripts.export", *argv],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("gridinr-export")]
-    assert errors == [f"gridinr-export: error: {data / 'density' / 'blob-density-1.raw'}: is the run's volume file "
-                      "(what it was trained on); refusing to write over it (not even with --overwrite): choose "
-                      "another output"]
+    assert errors == [f"gridinr-export: error: {data / 'dataset.json'} exists (use --overwrite to replace it)"]
+    assert snapshot(data) == before
+    assert main([*argv, "--overwrite"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gridinr-export: error: {data / 'density' / 'blob-density-1.raw'}: is the run's volume file (what it was "
+        "trained on); refusing to write over it (not even with --overwrite): choose another output"]
     assert snapshot(data) == before and leftovers(tmp_path) == []
 
 

@@ -113,14 +113,16 @@ def orient_faces(vertices: np.ndarray, faces: np.ndarray, values_at) -> np.ndarr
 
 MESH_BYTES_PER_VOXEL = 16
 """Peak memory per voxel of the grid while marching cubes runs: the decoded float32 grid, scikit-image's working
-arrays and the triangles of a busy surface (measured: `check_mesh_memory`'s docstring)."""
+arrays and the triangles (measured: `check_mesh_memory`'s docstring)."""
 
 
 def check_mesh_memory(output: Path, grid: OutputGrid, slab_voxels: int = DEFAULT_SLAB_VOXELS) -> None:
     """One line, before decoding, when the grid cannot be held in memory for marching cubes.
 
-    Measured peak resident memory of `extract_isosurface` on the built-in volume's field: 12.5 bytes per voxel at
-    256^3 and 200^3 (4 of them the float32 grid), so the limit asks for 16 bytes per voxel plus one decoded slab.
+    Measured peak resident memory (VmHWM) of `extract_isosurface` on a tiny run of the built-in volume: 7.1 bytes
+    per voxel at 384^3 (1.2 M vertices), 10.1 at 256^3, 23 at 128^3 (there the decoded slab is the whole grid), so
+    the limit asks for 16 bytes per voxel plus one decoded slab. A noisy field's surface has more triangles, hence
+    "about" in the message.
     """
     x, y, z = grid.dims
     needed = grid.voxels * MESH_BYTES_PER_VOXEL + max(1, slab_voxels // (x * y)) * x * y * DECODE_BYTES_PER_VOXEL
