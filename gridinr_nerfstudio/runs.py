@@ -9,6 +9,7 @@ Configs written before the package layout moved (flat `gridinr_nerfstudio.<modul
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 import importlib
@@ -50,6 +51,10 @@ OLD_LAYOUT = {
     "gridinr_nerfstudio.edit_datamanager.EditDataManager": "gridinr_nerfstudio.stages.edit.datamanager.EditDataManager",
 }
 """Names in configs written before the layout moved (release 0.1, flat package) -> where they live now."""
+
+
+_CHECKPOINT_CHOSEN = contextvars.ContextVar("gridinr_checkpoint_chosen", default=False)
+"""True while `load_run_pipeline` sets a pipeline up: it has picked the checkpoint, nerfstudio's loader will not."""
 
 
 class RunConfigError(ValueError):
@@ -146,10 +151,15 @@ def load_run_pipeline(
     if update_config is not None:
         config = update_config(config)
     config.load_dir = Path(config_path).parent / "nerfstudio_models"
+    checkpoint, step, state = read_newest_checkpoint(Path(config.load_dir))  # before the (slow) setup
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = config.pipeline.setup(device=device, test_mode=test_mode)
+    chosen = _CHECKPOINT_CHOSEN.set(True)
+    try:
+        pipeline = config.pipeline.setup(device=device, test_mode=test_mode)
+    finally:
+        _CHECKPOINT_CHOSEN.reset(chosen)
     pipeline.eval()
-    checkpoint, step = load_newest_checkpoint(Path(config.load_dir), pipeline)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
     return config, pipeline, checkpoint, step
 
 
@@ -214,11 +224,25 @@ def read_newest_checkpoint(folder: Path, mmap: bool = False,
     raise FileNotFoundError(f"{folder}: none of the {len(checkpoints)} step-*.ckpt checkpoints loads")
 
 
-def load_newest_checkpoint(folder: Path, pipeline) -> Tuple[Path, int]:
-    """Load the newest checkpoint of `folder` that loads into `pipeline`; returns its path and step."""
-    path, step, state = read_newest_checkpoint(folder)
-    pipeline.load_pipeline(state["pipeline"], state["step"])
-    return path, step
+def exit_unless_nerfstudio_finds_a_checkpoint(folder: Path) -> None:
+    """Exit with one line naming `folder` where nerfstudio's own loader (ns-eval, ns-viewer, ns-render:
+    `eval_load_checkpoint`) would stop with a traceback: no step-*.ckpt (IndexError) or another file name beside
+    them (ValueError). Called by the pipeline config's `setup`, the last of our code before nerfstudio picks the
+    checkpoint. A missing folder is left to nerfstudio, which says so itself."""
+    import sys
+
+    folder = Path(folder)
+    if _CHECKPOINT_CHOSEN.get() or not folder.is_dir():
+        return  # our own loaders have picked the checkpoint already (and skip stray files)
+    program = Path(sys.argv[0]).name or "nerfstudio"
+    if not list_checkpoints(folder):
+        raise SystemExit(f"{program}: error: {folder}: no step-*.ckpt checkpoint in the run folder (none was saved, "
+                         "or it was removed): train it (again), or point --load-config at a run that has one")
+    others = sorted(path.name for path in folder.iterdir() if checkpoint_step(path) is None)
+    if others:
+        raise SystemExit(f"{program}: error: {folder}: {', '.join(others)} beside the checkpoints: nerfstudio's "
+                         "loader reads every file there as step-N.ckpt; move it away, or use gridinr-eval / "
+                         "gridinr-render, which skip it")
 
 
 def save_checkpoint_atomically(state: Dict[str, Any], path: Path, scratch_dir: Path) -> None:

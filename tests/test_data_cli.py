@@ -98,3 +98,25 @@ def test_default_writes_a_readable_dataset(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dims:        20 x 20 x 20" in out and "value t=1: [0, 1]" in out
     assert main(["default", str(out_dir), "--size", "1"]) == 1
+
+
+def test_default_never_replaces_a_dataset_without_overwrite(tmp_path, capsys):
+    out_dir = tmp_path / "default"
+    assert main(["default", str(out_dir), "--size", "8"]) == 0
+    raw = out_dir / "value" / "default-value-1.raw"
+    before = {path: path.read_bytes() for path in (raw, out_dir / "dataset.json")}
+    capsys.readouterr()
+    assert main(["default", str(out_dir), "--size", "12"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gridinr-data: error: {raw} exists (use --overwrite to replace it)"]
+    assert {path: path.read_bytes() for path in before} == before  # neither file touched
+    # Someone else's dataset.json alone is enough to refuse (nothing of ours is written beside it).
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "dataset.json").write_text('{"name": "ct"}')
+    assert main(["default", str(theirs)]) == 1
+    assert "dataset.json exists" in capsys.readouterr().err and sorted(p.name for p in theirs.iterdir()) == ["dataset.json"]
+    # With --overwrite both files are replaced, and the result reads back as the new size.
+    assert main(["default", str(out_dir), "--size", "12", "--overwrite"]) == 0
+    np.testing.assert_array_equal(np.fromfile(raw, dtype="<f4"), default_volume_array(12).ravel())
+    assert sorted(p.name for p in out_dir.rglob("*")) == ["dataset.json", "default-value-1.raw", "value"]

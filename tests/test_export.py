@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -299,3 +300,140 @@ def test_python_m_entry_point(tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"gridinr-export: error: {tmp_path / 'none.safetensors'}: no such model file"]
+
+
+# --- nothing lost: run inputs, existing outputs, outputs too large (safe_write.py) -------------------------------
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(".*partial*"))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_export_onto_the_runs_own_volume_is_refused_and_the_volume_survives(int_volume_run, write_raw_dataset_module,
+                                                                          tmp_path, capsys):
+    """As a user would: `--output DATA.raw` names the dataset folder the run was trained on. Before, the .raw writer
+    truncated the memory-mapped source (Bus error, exit 135, a 0-byte volume). A copy of the run on a copy of the
+    data, the user's command in a process of its own; then with --overwrite, which never reaches a run input."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny_runs import relocated_run
+
+    data = shutil.copytree(write_raw_dataset_module, tmp_path / "blob")
+    config = relocated_run(int_volume_run, tmp_path / "outputs", data=data)
+    before = snapshot(data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = ["volume", "--load-config", str(config), "--output", str(tmp_path / "blob.raw")]
+    result = subprocess.run([sys.executable, "-m", "gridinr_nerfstudio.scripts.export", *argv],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gridinr-export")]
+    assert errors == [f"gridinr-export: error: {data / 'dataset.json'} exists (use --overwrite to replace it)"]
+    assert snapshot(data) == before
+    assert main([*argv, "--overwrite"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gridinr-export: error: {data / 'density' / 'blob-density-1.raw'}: is the run's volume file (what it was "
+        "trained on); refusing to write over it (not even with --overwrite): choose another output"]
+    assert snapshot(data) == before and leftovers(tmp_path) == []
+
+
+def test_no_export_writes_over_a_run_input_by_any_name(int_volume_run, write_raw_dataset_module, tmp_path, capsys):
+    config = str(int_volume_run)
+    source_raw = write_raw_dataset_module / "density" / "blob-density-1.raw"
+    before = snapshot(write_raw_dataset_module)
+    os.link(source_raw, tmp_path / "hard-link.npy")
+    (tmp_path / "soft-link.nrrd").symlink_to(source_raw)
+    (tmp_path / "dataset-link.json").symlink_to(write_raw_dataset_module / "dataset.json")
+    for argv in (["volume", "--output", str(tmp_path / "hard-link.npy")],
+                 ["volume", "--output", str(tmp_path / "soft-link.nrrd")],
+                 ["transfer-function", "--output", str(tmp_path / "dataset-link.json")],
+                 ["transfer-function", "--output", str(write_raw_dataset_module / "dataset.json")]):
+        line = one_error_line(capsys, [*argv, "--load-config", config, "--overwrite"])
+        assert "refusing to write over it (not even with --overwrite)" in line
+        assert "the run's volume file" in line or "dataset.json of the run's volume" in line
+    assert snapshot(write_raw_dataset_module) == before and leftovers(tmp_path) == []
+    assert leftovers(write_raw_dataset_module) == []
+
+
+def test_every_export_refuses_an_existing_output_unless_overwrite(int_volume_run, int_source, tmp_path, capsys):
+    outputs = {
+        "volume": tmp_path / "v.nrrd", "mesh": tmp_path / "m.ply", "transfer-function": tmp_path / "tf.json",
+        "model": tmp_path / "f.safetensors", "raw": tmp_path / "folder" / "dataset.json",
+    }
+    extra = {"mesh": ["--isovalue", "300"], "model": ["--no-psnr"]}
+    for path in outputs.values():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"the user's own file")
+    for command, path in outputs.items():
+        output = tmp_path / "folder.raw" if command == "raw" else path
+        argv = ["volume" if command == "raw" else command, "--load-config", str(int_volume_run), "--output",
+                str(output), *extra.get(command, [])]
+        assert one_error_line(capsys, argv) == f"gridinr-export: error: {path} exists (use --overwrite to replace it)"
+        assert path.read_bytes() == b"the user's own file"
+        assert main([*argv, "--overwrite"]) == 0
+        assert path.read_bytes() != b"the user's own file"
+    capsys.readouterr()
+    np.testing.assert_array_equal(open_volume(tmp_path / "folder").data, open_volume(tmp_path / "v.nrrd").data)
+    assert leftovers(tmp_path) == []
+
+
+def test_the_psnr_is_measured_against_the_source_as_read(int_volume_run, int_source, write_raw_dataset_module,
+                                                         tmp_path, capsys):
+    (tmp_path / "v.npy").write_bytes(b"an older export")
+    assert main(["volume", "--load-config", str(int_volume_run), "--output", str(tmp_path / "v.npy"),
+                 "--overwrite", "--units", "normalized"]) == 0
+    printed = capsys.readouterr().out
+    decoded = np.load(tmp_path / "v.npy").astype(np.float64)
+    raw = np.fromfile(write_raw_dataset_module / "density" / "blob-density-1.raw", dtype="<i2").reshape(16, 20, 24)
+    target = (raw - raw.min()) / (raw.max() - raw.min())
+    expected = 10 * np.log10(1.0 / np.mean((decoded - target) ** 2))
+    assert f"volume PSNR {expected:.2f} dB" in printed
+
+
+def test_a_failed_export_leaves_the_old_output_and_no_temporary_file(int_volume_run, tmp_path, capsys, monkeypatch):
+    import gridinr_nerfstudio.export.volume as volume_export
+
+    def disk_full(path, slabs, *args):
+        Path(path).write_bytes(b"half an export")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(volume_export, "write_npy", disk_full)
+    (tmp_path / "v.npy").write_bytes(b"yesterday's export")
+    line = one_error_line(capsys, ["volume", "--load-config", str(int_volume_run), "--output", str(tmp_path / "v.npy"),
+                                   "--overwrite"])
+    assert line.endswith("cannot write (No space left on device)")
+    assert (tmp_path / "v.npy").read_bytes() == b"yesterday's export" and leftovers(tmp_path) == []
+
+
+def test_outputs_that_cannot_fit_are_one_line_and_leave_nothing(int_volume_run, int_source, tmp_path, capsys,
+                                                                 monkeypatch):
+    import shutil as shell
+
+    import gridinr_nerfstudio.export.volume as volume_export
+
+    config = str(int_volume_run)
+    # 100000 voxels along the longest axis: petabytes on disk, and one z-slice alone is more memory than any machine.
+    line = one_error_line(capsys, ["volume", "--load-config", config, "--output", str(tmp_path / "big.npy"),
+                                   "--resolution", "100000"])
+    free = shell.disk_usage(tmp_path).free
+    x, y, z = volume_export.output_grid(int_source.meta, 100000).dims
+    from gridinr_nerfstudio.safe_write import format_bytes
+
+    assert f"needs {format_bytes(x * y * z * 2 + (1 << 16))} on disk" in line and "free in" in line
+    assert str(free) not in line  # (formatted, not raw bytes)
+    line = one_error_line(capsys, ["mesh", "--load-config", config, "--output", str(tmp_path / "big.ply"),
+                                   "--isovalue", "300", "--resolution", "100000"])
+    assert "marching cubes on a" in line and "of memory" in line and "available" in line
+    # The memory limit of a volume export is one slab (at least one z-slice) at DECODE_BYTES_PER_VOXEL bytes.
+    monkeypatch.setattr(volume_export, "available_memory", lambda: 24 * 20 * volume_export.DECODE_BYTES_PER_VOXEL - 1)
+    line = one_error_line(capsys, ["volume", "--load-config", config, "--output", str(tmp_path / "v.npy"),
+                                   "--slab-voxels", "1"])
+    assert "decoding the 24 x 20 x 16 grid needs about 30.00 KiB of memory per slab" in line
+    monkeypatch.setattr(volume_export, "available_memory", lambda: 24 * 20 * volume_export.DECODE_BYTES_PER_VOXEL)
+    assert main(["volume", "--load-config", config, "--output", str(tmp_path / "v.npy"), "--slab-voxels", "1"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["v.npy"]

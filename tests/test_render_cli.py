@@ -231,3 +231,26 @@ def test_ns_render_interpolate_writes_a_video(tiny_fit_run, tmp_path, ffmpeg_on_
     video = imageio.imread(output)
     assert video.shape[0] >= 2 and video.shape[2] == 2 * video.shape[1]  # rgb | depth side by side
     assert (video[:, :, : video.shape[1]].max(axis=-1) > 40).mean() > 0.05  # the volume shows in the rgb half
+
+
+def test_existing_outputs_are_replaced_only_with_overwrite(tiny_fit_run, tmp_path, capsys):
+    gif = tmp_path / "orbit.gif"
+    gif.write_bytes(b"the user's own file")
+    argv = ["orbit", "--load-config", str(tiny_fit_run), "--frames", "2", "--image-size", "8", "--output", str(gif)]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == f"gridinr-render: error: {gif} exists (use --overwrite to replace it)"
+    assert gif.read_bytes() == b"the user's own file"
+    assert main([*argv, "--overwrite"]) == 0
+    assert imageio.imread(gif, index=None).shape == (2, 8, 8, 3)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for index in range(4):  # an older, longer render
+        (frames / f"frame_{index:05d}.png").write_bytes(b"old frame")
+    (frames / "notes.txt").write_text("mine")
+    argv[-1] = str(frames)
+    assert main(argv) == 1
+    assert "holds frame_*.png frames (use --overwrite to replace them)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in frames.iterdir()) == ["frame_00000.png", "frame_00001.png", "notes.txt"]
+    assert imageio.imread(frames / "frame_00001.png").shape == (8, 8, 3)
+    assert sorted(tmp_path.rglob(".*partial*")) == []

@@ -98,3 +98,23 @@ def train_tiny_edit(output_dir: Path, stage1_config: Path, iterations: int = 10,
         configure(config)
     run_ns_train(config)
     return config.get_base_dir() / "config.yml"
+
+
+def relocated_run(config_path: Path, output_dir: Path, data: Optional[Path] = None, checkpoints: bool = True) -> Path:
+    """A copy of a run under `output_dir` whose config.yml records the copy, as if it had been trained there (so
+    nerfstudio's own ns-eval reads it in place), optionally on another volume and without its checkpoints."""
+    import shutil
+
+    import yaml
+
+    from gridinr_nerfstudio.runs import load_run_config
+
+    config = load_run_config(config_path)
+    config.output_dir = Path(output_dir)
+    if data is not None:
+        config.pipeline.datamanager.dataparser.data = Path(data)
+    base = config.get_base_dir()
+    shutil.copytree(Path(config_path).parent, base, ignore=None if checkpoints else shutil.ignore_patterns("*.ckpt"))
+    config.pipeline.run_dir = base
+    (base / "config.yml").write_text(yaml.dump(config))
+    return base / "config.yml"

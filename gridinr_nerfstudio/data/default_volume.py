@@ -87,10 +87,11 @@ def make_default_volume(size: int = DEFAULT_SIZE) -> Volume:
                   value_min=float(data.min()), value_max=float(data.max()), source_file=None)
 
 
-def write_default_dataset(out_dir: str | Path, size: int = DEFAULT_SIZE) -> Path:
-    """Write the procedural volume in the dataset format (dataset.json + value/default-value-1.raw)."""
+def write_default_dataset(out_dir: str | Path, size: int = DEFAULT_SIZE, overwrite: bool = False) -> Path:
+    """Write the procedural volume in the dataset format (dataset.json + value/default-value-1.raw); existing files
+    are replaced only with `overwrite` (safe_write.py)."""
     return write_dataset(out_dir, DEFAULT_NAME, {SINGLE_FILE_VARIABLE: [default_volume_array(size)]},
-                         description=DEFAULT_DESCRIPTION)
+                         description=DEFAULT_DESCRIPTION, overwrite=overwrite)
 
 
 def is_builtin(data: str | Path | None) -> bool:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 
 from gridinr_nerfstudio.data.file_digest import file_digest, stat_key
+from gridinr_nerfstudio.safe_write import staged_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -245,28 +246,25 @@ def write_dataset(
     variables: dict[str, Sequence[np.ndarray]],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     description: str = "",
+    overwrite: bool = False,
 ) -> Path:
-    """Write (Z, Y, X) arrays in the dataset format: {variable: [step 1, step 2, ...]}, one shape and dtype for all."""
+    """Write (Z, Y, X) arrays in the dataset format: {variable: [step 1, step 2, ...]}, one shape and dtype for all.
+
+    Existing files are replaced only with `overwrite`; all files are staged and renamed in, dataset.json last."""
     arrays = [np.asarray(a) for steps in variables.values() for a in steps]
     counts = {len(steps) for steps in variables.values()}
     if not arrays or len(counts) != 1 or len({(a.shape, a.dtype) for a in arrays}) != 1 or arrays[0].ndim != 3:
         raise ValueError("write_dataset needs 3-D arrays of one shape and dtype, the same step count per variable")
     out_dir = Path(out_dir)
-    for var, steps in variables.items():
-        (out_dir / var).mkdir(parents=True, exist_ok=True)
-        for step, array in enumerate(steps, start=1):
-            np.asarray(array).astype(array.dtype.newbyteorder("<")).tofile(out_dir / var / f"{name}-{var}-{step}.raw")
+    files = [out_dir / var / f"{name}-{var}-{step}.raw" for var, steps in variables.items()
+             for step in range(1, len(steps) + 1)]
     z, y, x = arrays[0].shape
-    meta = {
-        "name": name,
-        "dims": [x, y, z],
-        "vars": list(variables),
-        "total_samples": counts.pop(),
-        "dtype": arrays[0].dtype.name,
-        "spacing": [float(s) for s in spacing],
-        "description": description,
-    }
-    (out_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"name": name, "dims": [x, y, z], "vars": list(variables), "total_samples": counts.pop(),
+            "dtype": arrays[0].dtype.name, "spacing": [float(s) for s in spacing], "description": description}
+    with staged_outputs([*files, out_dir / "dataset.json"], overwrite) as temporaries:
+        for array, temporary in zip(arrays, temporaries):
+            array.astype(array.dtype.newbyteorder("<")).tofile(temporary)
+        temporaries[-1].write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 

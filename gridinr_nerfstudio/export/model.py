@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from gridinr_nerfstudio.export.source import ExportError, ExportSource, VolumeMeta
+from gridinr_nerfstudio.safe_write import ProtectedFiles, atomic_output
 
 FORMAT = "gridinr-field"
 FORMAT_VERSION = "1"
@@ -53,14 +54,15 @@ class ModelExport:
         return self.volume_bytes / self.file_bytes
 
 
-def save_model(source: ExportSource, output: Path, half: bool = False, measure_psnr: bool = True) -> ModelExport:
-    """Write `source.field` (+ metadata) to `output` (.safetensors)."""
+def save_model(source: ExportSource, output: Path, half: bool = False, measure_psnr: bool = True,
+               overwrite: bool = False) -> ModelExport:
+    """Write `source.field` (+ metadata) to `output` (.safetensors) through safe_write.py."""
     from safetensors.torch import save_file
 
     from gridinr_nerfstudio.export.volume import check_output
 
     output = Path(output)
-    check_output(output, (".safetensors",))
+    check_output(output, (".safetensors",), overwrite)
     field = source.field
     state = {key: value.detach().cpu().contiguous() for key, value in field.state_dict().items()}
     if half:
@@ -70,7 +72,8 @@ def save_model(source: ExportSource, output: Path, half: bool = False, measure_p
                 "volume": json.dumps(source.meta.to_json()), "source": source.origin,
                 "timesteps": json.dumps(list(source.timesteps))}
     try:
-        save_file(state, str(output), metadata=metadata)
+        with atomic_output(output, overwrite, source.inputs) as temporary:
+            save_file(state, str(temporary), metadata=metadata)
     except OSError as error:
         raise ExportError(f"{output}: cannot write ({error.strerror or error})") from None
     params = field_parameter_count(field)
@@ -111,4 +114,5 @@ def load_model(path: Path) -> ExportSource:
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ExportError(f"{path}: malformed gridinr field file ({' '.join(str(error).split())[:300]})") from None
     field.requires_grad_(False).eval()
-    return ExportSource(field=field, meta=meta, origin=f"model file {path}", timesteps=timesteps)
+    return ExportSource(field=field, meta=meta, origin=f"model file {path}", timesteps=timesteps,
+                        inputs=ProtectedFiles([(path, "the field file being exported")]))

@@ -9,13 +9,15 @@ sits at unit coordinate i / (n - 1) and at physical position i * spacing (origin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field as dataclass_field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from gridinr_nerfstudio.safe_write import ProtectedFiles
 
 
 class ExportError(Exception):
@@ -83,6 +85,7 @@ class ExportSource:
     volume: Optional[Any] = None  # data.volume_io.Volume
     model: Optional[Any] = None  # stages.base_model.StageModel
     timesteps: tuple[int, ...] = ()  # a sequence field's steps (file numbering); () for a one-step field
+    inputs: ProtectedFiles = dataclass_field(default_factory=ProtectedFiles)  # files read: never written over
 
     def at_timestep(self, timestep: Optional[int]) -> "ExportSource":
         """The field at one time step (1-based, as in the file names): any step of a sequence field, or the one step
@@ -127,7 +130,7 @@ def from_run(config_path: Path) -> ExportSource:
     if not config_path.is_file():
         raise ExportError(f"{config_path}: no such config file (give a run's config.yml)")
     try:
-        config, pipeline, _, _ = load_run_pipeline(config_path, test_mode="inference")
+        config, pipeline, checkpoint, _ = load_run_pipeline(config_path, test_mode="inference")
     except (RunConfigError, FileNotFoundError, ValueError) as error:
         raise ExportError(" ".join(str(error).split())) from None
     model = pipeline.model
@@ -137,4 +140,30 @@ def from_run(config_path: Path) -> ExportSource:
     timesteps = tuple(int(step) for step in model.timesteps) if len(model.timesteps) > 1 else ()
     return ExportSource(field=model.field, meta=VolumeMeta.from_volume(model.volume),
                         origin=f"{config.method_name} run {config_path}", volume=model.volume, model=model,
-                        timesteps=timesteps)
+                        timesteps=timesteps, inputs=run_inputs(config_path, checkpoint, model))
+
+
+def run_inputs(config_path: Path, checkpoint: Path, model) -> ProtectedFiles:
+    """Every file a run's export reads (config, checkpoint, stage-1 field, each step's volume files): exports never
+    write over them, not even with --overwrite (the reference-renderings cache is not among them)."""
+    inputs = ProtectedFiles([(config_path, "the run's config"), (checkpoint, "the run's checkpoint")])
+    stage1 = getattr(model.config, "stage1_checkpoint", None)
+    if stage1 is not None:
+        inputs.add(Path(stage1), "the edit run's stage-1 field")
+    for volume in model.volumes:
+        for path, what in volume_input_files(volume):
+            inputs.add(path, what)
+    return inputs
+
+
+def volume_input_files(volume) -> list[tuple[Path, str]]:
+    """(path, description) of the files a volume is read from: its voxels, and its dataset.json or header file."""
+    files = []
+    if volume.source_file is not None:
+        files.append((Path(volume.source_file), "the run's volume file (what it was trained on)"))
+    info_path = Path(volume.info.path)
+    if info_path.is_dir():
+        files.append((info_path / "dataset.json", "the dataset.json of the run's volume"))
+    elif info_path.exists() and info_path != volume.source_file:
+        files.append((info_path, "the header file of the run's volume"))
+    return files

@@ -25,6 +25,7 @@ import torch
 
 from gridinr_nerfstudio.export.source import ExportError, ExportSource
 from gridinr_nerfstudio.export.volume import Units, check_output
+from gridinr_nerfstudio.safe_write import write_text
 
 
 @dataclass
@@ -117,14 +118,15 @@ def preset_json(preset: dict[str, Any]) -> str:
 
 
 def export_preset(source: ExportSource, output: Path, name: Optional[str] = None, units: Units = "data",
-                  samples: Optional[int] = None) -> PresetExport:
-    """Write the run's transfer function to `output` (.json, a list holding one preset, as ParaView exports)."""
+                  samples: Optional[int] = None, overwrite: bool = False) -> PresetExport:
+    """Write the run's transfer function to `output` (.json, a list holding one preset, as ParaView exports)
+    through safe_write.py."""
     output = Path(output)
-    check_output(output, (".json",))
+    check_output(output, (".json",), overwrite)
     name = name or f"{source.meta.name} {source.meta.variable} (gridinr)"
     preset, kind, world, physical, count = build_preset(source, name, units, samples)
     try:
-        output.write_text(preset_json(preset))
+        write_text(output, preset_json(preset), overwrite, source.inputs)
     except OSError as error:
         raise ExportError(f"{output}: cannot write ({error.strerror or error})") from None
     return PresetExport(output, preset, world, physical, count, kind)

@@ -9,7 +9,9 @@ own units and dtype (`units="data"`: `v * (max - min) + min`, rounded and clippe
 float32 normalised values (`units="normalized"`).
 
 The field is decoded in z-slabs of at most `slab_voxels` voxels and each slab is written before the next is
-decoded, so memory stays bounded for outputs larger than RAM.
+decoded, so memory stays bounded for outputs larger than RAM. Disk space and the memory of one slab are checked
+before anything is written; files go through safe_write.py (never over the run's inputs, over existing files only
+with --overwrite, renamed into place when complete).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from gridinr_nerfstudio.export.source import ExportError, ExportSource, VolumeMeta
+from gridinr_nerfstudio.safe_write import check_free_space, check_target, format_bytes, staged_outputs
 
 Units = Literal["data", "normalized"]
 VOLUME_SUFFIXES = (".nrrd", ".vti", ".raw", ".npy")
@@ -124,8 +127,9 @@ class VolumeExport:
     psnr_db: Optional[float]  # field vs raw voxels, normalised units; None unless native dims and a run's volume
 
 
-def check_output(path: Path, suffixes: Sequence[str]) -> None:
-    """Fail early, in one line, on an unknown extension or a folder we cannot write into."""
+def check_output(path: Path, suffixes: Sequence[str], overwrite: bool = False) -> None:
+    """Fail early, in one line, on an unknown extension, a folder we cannot write into, or an existing output
+    (without --overwrite); run inputs are checked once the run is loaded (`export_volume`, safe_write.py)."""
     import os
 
     if path.suffix.lower() not in suffixes:
@@ -137,14 +141,60 @@ def check_output(path: Path, suffixes: Sequence[str]) -> None:
         raise ExportError(f"{path}: cannot write: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"{path}: cannot write: folder {parent} is not writable")
+    first = path.with_suffix("") / "dataset.json" if path.suffix.lower() == ".raw" else path
+    check_target(first, overwrite)
+
+
+def volume_output_files(output: Path, variable: str) -> list[Path]:
+    """The files a volume export writes: `output`, or for .raw the dataset folder's raw file and dataset.json."""
+    if output.suffix.lower() != ".raw":
+        return [output]
+    folder = output.with_suffix("")
+    return [folder / variable / f"{folder.name}-{variable}-1.raw", folder / "dataset.json"]
+
+
+DECODE_BYTES_PER_VOXEL = 64
+"""Peak memory per voxel of a slab while it is decoded, compared and converted (coordinates, values, float64
+copies); at least one z-slice (X x Y voxels) is decoded at once whatever --slab-voxels says. Measured (VmHWM):
+40 bytes per voxel without the PSNR comparison (a 384^3 export in slabs of 4.1 M voxels); the comparison adds a
+float32 and two float64 copies of the slab."""
+
+
+def check_resources(output: Path, grid: OutputGrid, dtype: np.dtype, slab_voxels: int) -> None:
+    """One line, before anything is written, when the export cannot fit: disk space for the file, memory for a slab."""
+    x, y, z = grid.dims
+    payload = grid.voxels * dtype.itemsize
+    if output.suffix.lower() == ".vti":
+        payload = payload * 4 // 3  # base64
+    check_free_space(output, payload + (1 << 16))
+    slab = max(1, slab_voxels // (x * y)) * x * y
+    needed, available = slab * DECODE_BYTES_PER_VOXEL, available_memory()
+    if needed > available:
+        raise ExportError(f"{output}: decoding the {x} x {y} x {z} grid needs about {format_bytes(needed)} of memory "
+                          f"per slab (at least one {x} x {y} slice, {DECODE_BYTES_PER_VOXEL} bytes per voxel), "
+                          f"{format_bytes(available)} available: choose a smaller --resolution or --dims")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation without swapping (psutil)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def export_volume(source: ExportSource, output: Path, grid: OutputGrid, units: Units = "data",
-                  slab_voxels: int = DEFAULT_SLAB_VOXELS) -> VolumeExport:
-    """Decode `source.field` on `grid` slab by slab and write it to `output` (format by suffix)."""
+                  slab_voxels: int = DEFAULT_SLAB_VOXELS, overwrite: bool = False) -> VolumeExport:
+    """Decode `source.field` on `grid` slab by slab and write it to `output` (format by suffix).
+
+    Never over the run's inputs, over an existing file only with `overwrite`, through temporary files renamed into
+    place when complete (safe_write.py). The PSNR compares the decoded slabs with the source volume as read."""
     output = Path(output)
-    check_output(output, VOLUME_SUFFIXES)
+    check_output(output, VOLUME_SUFFIXES, overwrite)
     meta, dtype = source.meta, output_dtype(source.meta, units)
+    targets = volume_output_files(output, meta.variable)
+    for target in targets:
+        check_target(target, overwrite, source.inputs)
+    check_resources(output, grid, dtype, slab_voxels)
     compare = source.volume is not None and grid.dims == tuple(meta.dims)
     squared_error = [0.0, 0]
 
@@ -157,20 +207,24 @@ def export_volume(source: ExportSource, output: Path, grid: OutputGrid, units: U
             yield convert(normalized, meta, units)
 
     suffix = output.suffix.lower()
-    writer = {".nrrd": write_nrrd, ".vti": write_vti_file, ".raw": write_raw_dataset, ".npy": write_npy}[suffix]
     try:
-        written = writer(output, slabs(), grid, dtype, meta)
+        with staged_outputs(targets, overwrite, source.inputs) as temporaries:
+            if suffix == ".raw":
+                write_raw_dataset(temporaries[0], temporaries[1], output.with_suffix("").name, slabs(), grid, dtype, meta)
+            else:
+                writer = {".nrrd": write_nrrd, ".vti": write_vti_file, ".npy": write_npy}[suffix]
+                writer(temporaries[0], slabs(), grid, dtype, meta)
     except OSError as error:
         raise ExportError(f"{output}: cannot write ({error.strerror or error})") from None
     psnr = None
     if compare and squared_error[1]:
         mse = squared_error[0] / squared_error[1]
         psnr = float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
-    size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) if written.is_dir() else written.stat().st_size
-    return VolumeExport(written, grid, dtype.name, units, size, psnr)
+    written = output.with_suffix("") if suffix == ".raw" else output
+    return VolumeExport(written, grid, dtype.name, units, sum(t.stat().st_size for t in targets), psnr)
 
 
-# --- writers: (path, slabs (z, Y, X) in dtype, grid, dtype, meta) -> the path written ----------------------------
+# --- writers: (file, slabs (z, Y, X) in dtype, grid, dtype, meta), into the temporary files export_volume made ---
 
 
 def write_npy(path: Path, slabs: Iterator[np.ndarray], grid: OutputGrid, dtype: np.dtype, meta: VolumeMeta) -> Path:
@@ -186,23 +240,19 @@ def write_npy(path: Path, slabs: Iterator[np.ndarray], grid: OutputGrid, dtype: 
     return path
 
 
-def write_raw_dataset(path: Path, slabs: Iterator[np.ndarray], grid: OutputGrid, dtype: np.dtype,
-                      meta: VolumeMeta) -> Path:
-    """Our dataset format (see data/volume_io.py's write_dataset): folder PATH without `.raw`, holding
-    dataset.json and VAR/NAME-VAR-1.raw (x fastest, little endian), NAME the folder's name, VAR the run's variable."""
-    folder = path.with_suffix("")
-    name, variable = folder.name, meta.variable
-    (folder / variable).mkdir(parents=True, exist_ok=True)
-    with open(folder / variable / f"{name}-{variable}-1.raw", "wb") as handle:
+def write_raw_dataset(raw_file: Path, json_file: Path, name: str, slabs: Iterator[np.ndarray], grid: OutputGrid,
+                      dtype: np.dtype, meta: VolumeMeta) -> None:
+    """Our dataset format (see data/volume_io.py's write_dataset): a folder NAME holding dataset.json and
+    VAR/NAME-VAR-1.raw (x fastest, little endian), VAR the run's variable."""
+    with open(raw_file, "wb") as handle:
         for slab in slabs:
             handle.write(np.ascontiguousarray(slab, dtype=dtype.newbyteorder("<")).tobytes())
     x, y, z = grid.dims
     description = (f"{meta.name} {meta.variable} t={meta.timestep} decoded from a gridinr INR by gridinr-export; "
                    f"original value range [{meta.value_min:.7g}, {meta.value_max:.7g}]")
-    dataset = {"name": name, "dims": [x, y, z], "vars": [variable], "total_samples": 1, "dtype": dtype.name,
+    dataset = {"name": name, "dims": [x, y, z], "vars": [meta.variable], "total_samples": 1, "dtype": dtype.name,
                "spacing": list(grid.spacing), "description": description}
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-    return folder
+    json_file.write_text(json.dumps(dataset, indent=2) + "\n")
 
 
 def write_nrrd(path: Path, slabs: Iterator[np.ndarray], grid: OutputGrid, dtype: np.dtype, meta: VolumeMeta) -> Path:

@@ -1,5 +1,7 @@
 """`gridinr-data`: inspect a volume (`info PATH`) or write the built-in default volume (`default OUT_DIR`).
 
+`default` refuses to replace an existing dataset.json or raw file unless `--overwrite` (safe_write.py).
+
 Bad input ends with exit status 1 and one line on stderr naming the file and the problem, never a traceback.
 A volume that opens but cannot be trained (one voxel along an axis, constant values) is reported in full, then
 gets the same one-line error `ns-train` gives it, and exit status 1.
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from gridinr_nerfstudio.data.default_volume import DEFAULT_SIZE, write_default_dataset
 from gridinr_nerfstudio.data.volume_io import VolumeError, check_trainable, open_volume, read_info
+from gridinr_nerfstudio.safe_write import OutputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     default = commands.add_parser("default", help="write the built-in procedural volume in the dataset format")
     default.add_argument("out_dir", type=Path, help="folder to write dataset.json and value/default-value-1.raw into")
     default.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"voxels per axis (default {DEFAULT_SIZE})")
+    default.add_argument("--overwrite", action="store_true",
+                         help="replace dataset.json and the raw file if they exist (default: refuse)")
     return parser
 
 
@@ -82,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.size < 2:
                 raise VolumeError(f"{args.out_dir}: --size must be at least 2, got {args.size}")
-            out_dir = write_default_dataset(args.out_dir, args.size)
+            out_dir = write_default_dataset(args.out_dir, args.size, overwrite=args.overwrite)
             print(f"wrote the default volume ({args.size}x{args.size}x{args.size} float32) to {out_dir}")
-    except (VolumeError, OSError) as error:
+    except (VolumeError, OutputError, OSError) as error:
         print(f"gridinr-data: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -7,7 +7,8 @@ Runs the real command-line tools one after another, exactly as a user would type
    pixel loss only (a note says so), then `ns-eval`;
 3. `gridinr-render orbit` (a short video) and `gridinr-report` (plots and a before/after figure).
 
-Everything lands in OUTPUT_DIR; `summary.json` lists the figures.
+Everything lands in OUTPUT_DIR; `summary.json` lists the figures. OUTPUT_DIR is replaced when a previous demo
+wrote it (it holds demo.log) or it is empty; any other folder only with --overwrite.
 """
 
 from __future__ import annotations
@@ -133,11 +134,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="stage-1 iterations (gridinr-fit's default on this machine)")
     parser.add_argument("--edit-iterations", type=int, default=60)
     parser.add_argument("--prompt", default="a glowing orange molecule")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete --output-dir first even if a previous demo did not write it (default: refuse)")
     args = parser.parse_args(argv)
 
     out = args.output_dir.resolve()
     if out.exists():
-        shutil.rmtree(out)
+        if not (out.is_dir() and ((out / "demo.log").is_file() or not any(out.iterdir()))) and not args.overwrite:
+            sys.exit(f"demo: error: {out} exists and is not a previous demo's output (no demo.log in it): choose "
+                     "another --output-dir, or --overwrite to delete it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True)
     log = out / "demo.log"
     runs = out / "runs"

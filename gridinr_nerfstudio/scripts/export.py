@@ -6,7 +6,10 @@
     gridinr-export transfer-function --load-config RUN/config.yml --output tf.json [--name NAME] [--samples N]
     gridinr-export model --load-config RUN/config.yml --output model.safetensors [--half]
 
-Bad input ends with exit status 1 and one line on stderr, never a traceback. See gridinr_nerfstudio/export/.
+Every subcommand also takes --overwrite: without it an existing output is refused; with it, it is replaced. No
+export ever writes over a file the run reads (its volume, dataset.json, config, checkpoints), and files appear only
+when complete (safe_write.py). Bad input ends with exit status 1 and one line on stderr, never a traceback.
+See gridinr_nerfstudio/export/.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ def _add_source(parser: argparse.ArgumentParser, model_file: bool = True) -> Non
         group.add_argument("--model", type=Path, help="a field file written by `gridinr-export model` (no run needed)")
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output if it exists (default: refuse); never a file the run reads")
+
+
 def _add_grid(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--resolution", type=int, help="voxels along the longest axis (others in proportion)")
@@ -36,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     volume = commands.add_parser("volume", help="the INR decoded on a grid: .nrrd, .vti, .raw (dataset folder) or .npy")
+    _add_overwrite(volume)
     _add_source(volume)
     volume.add_argument("--output", type=Path, required=True, help="out.nrrd, out.vti, out.raw (writes folder out/) or out.npy")
     _add_grid(volume)
@@ -44,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("--slab-voxels", type=int, default=1 << 22, help="voxels decoded at once (memory bound)")
 
     mesh = commands.add_parser("mesh", help="an isosurface of the INR: .ply or .obj, vertices in physical units")
+    _add_overwrite(mesh)
     _add_source(mesh)
     mesh.add_argument("--isovalue", type=float, required=True, help="in data units (see --units)")
     mesh.add_argument("--output", type=Path, required=True, help="out.ply or out.obj")
@@ -52,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--normals", action="store_true", help="vertex normals from the field's gradient")
 
     tf = commands.add_parser("transfer-function", help="the run's transfer function as a ParaView preset (JSON)")
+    _add_overwrite(tf)
     _add_source(tf, model_file=False)
     tf.add_argument("--output", type=Path, required=True, help="tf.json")
     tf.add_argument("--name", help="preset name (default: volume and variable)")
@@ -60,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gridinr-edit runs: nodes at which to sample the transfer MLP (default: its own lookup table)")
 
     model = commands.add_parser("model", help="the field alone (table + MLP + geometry + metadata) as safetensors")
+    _add_overwrite(model)
     _add_source(model, model_file=False)
     model.add_argument("--output", type=Path, required=True, help="model.safetensors")
     model.add_argument("--half", action="store_true", help="store the table and MLP as float16")
@@ -103,14 +115,14 @@ def compression_line(source) -> str:
 def run_volume(args: argparse.Namespace) -> None:
     from gridinr_nerfstudio.export.volume import VOLUME_SUFFIXES, check_output, export_volume, output_grid
 
-    check_output(args.output, VOLUME_SUFFIXES)
+    check_output(args.output, VOLUME_SUFFIXES, args.overwrite)
     if args.slab_voxels < 1:
         from gridinr_nerfstudio.export.source import ExportError
 
         raise ExportError(f"--slab-voxels must be positive, got {args.slab_voxels}")
     source = _load_source(args)
     grid = output_grid(source.meta, args.resolution, args.dims)
-    result = export_volume(source, args.output, grid, args.units, args.slab_voxels)
+    result = export_volume(source, args.output, grid, args.units, args.slab_voxels, args.overwrite)
     x, y, z = grid.dims
     print(f"wrote {result.path}: {x} x {y} x {z} {result.dtype} ({result.units} units), spacing "
           f"{' '.join(f'{s:g}' for s in grid.spacing)}, origin 0 0 0 (first voxel centre), "
@@ -123,10 +135,10 @@ def run_mesh(args: argparse.Namespace) -> None:
     from gridinr_nerfstudio.export.mesh import MESH_SUFFIXES, export_mesh
     from gridinr_nerfstudio.export.volume import check_output, output_grid
 
-    check_output(args.output, MESH_SUFFIXES)
+    check_output(args.output, MESH_SUFFIXES, args.overwrite)
     source = _load_source(args)
     grid = output_grid(source.meta, args.resolution, args.dims)
-    result = export_mesh(source, args.output, grid, args.isovalue, args.units, args.normals)
+    result = export_mesh(source, args.output, grid, args.isovalue, args.units, args.normals, args.overwrite)
     low, high = result.bounds
     print(f"wrote {result.path}: {result.vertices:,} vertices, {result.faces:,} triangles at isovalue "
           f"{result.isovalue:g} ({args.units} units; {result.level:.4g} normalised) on a "
@@ -138,9 +150,9 @@ def run_transfer_function(args: argparse.Namespace) -> None:
     from gridinr_nerfstudio.export.transfer_function import export_preset
     from gridinr_nerfstudio.export.volume import check_output
 
-    check_output(args.output, (".json",))
+    check_output(args.output, (".json",), args.overwrite)
     source = _load_source(args)
-    result = export_preset(source, args.output, args.name, args.units, args.samples)
+    result = export_preset(source, args.output, args.name, args.units, args.samples, args.overwrite)
     meta = source.meta
     value_range = f"[{meta.value_min:.7g}, {meta.value_max:.7g}]" if args.units == "data" else "[0, 1]"
     print(f"wrote {result.path}: ParaView preset {result.preset['Name']!r} from the run's {result.kind}, "
@@ -153,9 +165,9 @@ def run_model(args: argparse.Namespace) -> None:
     from gridinr_nerfstudio.export.model import save_model
     from gridinr_nerfstudio.export.volume import check_output
 
-    check_output(args.output, (".safetensors",))
+    check_output(args.output, (".safetensors",), args.overwrite)
     source = _load_source(args)
-    result = save_model(source, args.output, args.half, measure_psnr=not args.no_psnr)
+    result = save_model(source, args.output, args.half, measure_psnr=not args.no_psnr, overwrite=args.overwrite)
     precision = "fp16" if args.half else "fp32"
     print(f"wrote {result.path}: {result.params:,} parameters ({precision}), {_fmt_bytes(result.file_bytes)} on disk; "
           f"compression ratio {result.compression_ratio:.3g} against the raw volume "
@@ -168,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from gridinr_nerfstudio.data.volume_io import VolumeError
     from gridinr_nerfstudio.export.source import ExportError
+    from gridinr_nerfstudio.safe_write import OutputError
 
     commands = {"volume": run_volume, "mesh": run_mesh, "transfer-function": run_transfer_function, "model": run_model}
     try:
         commands[args.command](args)
-    except (ExportError, VolumeError) as error:
+    except (ExportError, VolumeError, OutputError) as error:
         print(f"gridinr-export: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:

@@ -4,7 +4,8 @@ Frames come from the model's own `get_outputs_for_camera`, the code path of the 
 ns-render, so the video shows what they show. Depth uses one near/far range for the whole video (colours
 mean the same distance in every frame); depth and normals are composited over black by the accumulation,
 as nerfstudio's `apply_depth_colormap` does over white. Writes a video (.mp4, .mov, .mkv, .webm, .avi
-through imageio-ffmpeg), a .gif, or a folder of PNG frames (an output path without a suffix).
+through imageio-ffmpeg), a .gif, or a folder of PNG frames (an output path without a suffix). An existing output
+is replaced only with --overwrite, and appears only when complete (safe_write.py).
 
 Bad input ends with exit status 1 and one line on stderr, never a traceback.
 """
@@ -25,6 +26,7 @@ import torch
 from gridinr_nerfstudio.rendering.images import to_uint8
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+FRAME_PATTERN = "frame_*.png"
 OutputKind = Literal["rgb", "depth", "normals"]
 PathKind = Literal["orbit", "spiral"]
 
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     orbit.add_argument("--load-config", type=Path, required=True, help="the run's config.yml (as for ns-eval)")
     orbit.add_argument("--output", type=Path, required=True,
                        help="video (.mp4 .mov .mkv .webm .avi), .gif, or a folder (no suffix) of PNG frames")
+    orbit.add_argument("--overwrite", action="store_true",
+                       help="replace an existing video/GIF, or the frame_*.png of an existing folder (default: refuse)")
     orbit.add_argument("--frames", type=int, default=120, help="frames per turn (default 120)")
     orbit.add_argument("--output-kind", choices=("rgb", "depth", "normals"), default="rgb", help="what to show")
     orbit.add_argument("--path", choices=("orbit", "spiral"), default="orbit",
@@ -150,30 +154,34 @@ def render_frames(model, cameras, kind: OutputKind, depth_colormap: str = "virid
             yield to_uint8(colormap(normalised)[..., :3] * accumulation)
 
 
-def write_frames(frames: Iterable[np.ndarray], output: Path, fps: float) -> int:
-    """Write frames as a video, a GIF or PNGs in a folder (by `output`'s suffix); returns how many."""
+def write_frames(frames: Iterable[np.ndarray], output: Path, fps: float, overwrite: bool = False) -> int:
+    """Write frames as a video, a GIF or PNGs in a folder (by `output`'s suffix); returns how many.
+
+    Through safe_write.py: an existing output is replaced only with `overwrite`, and it appears only when complete
+    (a failed or interrupted render leaves what was there)."""
     import imageio.v2 as imageio_v2
     import imageio.v3 as imageio
 
+    from gridinr_nerfstudio.safe_write import atomic_output, staged_folder
+
     suffix = output.suffix.lower()
+    count = 0
     if suffix == "":
-        output.mkdir(parents=True, exist_ok=True)
-        count = 0
-        for frame in frames:
-            imageio.imwrite(output / f"frame_{count:05d}.png", frame)
-            count += 1
+        with staged_folder(output, FRAME_PATTERN, overwrite) as staging:
+            for frame in frames:
+                imageio.imwrite(staging / f"frame_{count:05d}.png", frame)
+                count += 1
         return count
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".gif":
-        stack = np.stack(list(frames))
-        imageio.imwrite(output, stack, plugin="pillow", duration=1000.0 / fps, loop=0)
-        return len(stack)
-    # macro_block_size=2: even sizes pass unchanged (yuv420p needs even sides); odd ones are scaled up by a pixel.
-    with imageio_v2.get_writer(output, format="FFMPEG", mode="I", fps=fps, macro_block_size=2) as writer:
-        count = 0
-        for frame in frames:
-            writer.append_data(frame)
-            count += 1
+    with atomic_output(output, overwrite) as temporary:  # (the temporary name keeps the suffix: it picks the format)
+        if suffix == ".gif":
+            stack = np.stack(list(frames))
+            imageio.imwrite(temporary, stack, plugin="pillow", duration=1000.0 / fps, loop=0)
+            return len(stack)
+        # macro_block_size=2: even sizes pass unchanged (yuv420p needs even sides); odd ones are scaled up by a pixel.
+        with imageio_v2.get_writer(temporary, format="FFMPEG", mode="I", fps=fps, macro_block_size=2) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+                count += 1
     return count
 
 
@@ -184,7 +192,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     suffix = args.output.suffix.lower()
     if suffix not in VIDEO_SUFFIXES + (".gif", ""):
         raise RenderError(f"{args.output}: unsupported output type {suffix!r} (use {' '.join(VIDEO_SUFFIXES)} .gif or a folder)")
-    check_output(args.output)
+    check_output(args.output, args.overwrite)
     if args.frames < 1 or args.image_size < 2 or args.fps <= 0 or args.radius <= 0 or not 0 < args.fov < 180:
         raise RenderError("--frames must be >= 1, --image-size >= 2, --fps and --radius > 0, --fov in (0, 180)")
     import matplotlib
@@ -193,18 +201,24 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise RenderError(f"--depth-colormap: unknown matplotlib colormap {args.depth_colormap!r}")
 
 
-def check_output(output: Path) -> None:
-    """Fail before rendering when the output cannot be written (nothing is created here)."""
+def check_output(output: Path, overwrite: bool = False) -> None:
+    """Fail before rendering when the output cannot be written, or exists without --overwrite (nothing is created)."""
+    from gridinr_nerfstudio.safe_write import check_target
+
     if output.suffix and output.is_dir():
         raise RenderError(f"{output}: is a folder (give a file name, or no suffix for a folder of PNG frames)")
     if not output.suffix and output.exists() and not output.is_dir():
         raise RenderError(f"{output}: exists and is not a folder (PNG frames go into a folder)")
+    if output.suffix:
+        check_target(output, overwrite)
+    elif output.is_dir() and any(output.glob(FRAME_PATTERN)) and not overwrite:
+        raise RenderError(f"{output} holds {FRAME_PATTERN} frames (use --overwrite to replace them)")
     existing = output if not output.suffix else output.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise RenderError(f"{output}: cannot write there ({existing} is not a folder)")
-    if not os.access(existing, os.W_OK | os.X_OK) or (output.is_file() and not os.access(output, os.W_OK)):
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise RenderError(f"{output}: cannot write there (permission denied)")
 
 
@@ -223,6 +237,8 @@ def load_model(config_path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gridinr_nerfstudio.safe_write import OutputError
+
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
@@ -230,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         cameras = path_cameras(args.path, args.frames, args.image_size, args.radius, args.elevation, args.fov)
         cameras = with_times(cameras, frame_times(model, args.time_range, args.frames))
         frames = render_frames(model, cameras, args.output_kind, args.depth_colormap)
-        count = write_frames(frames, args.output, args.fps)
-    except (RenderError, OSError) as error:
+        count = write_frames(frames, args.output, args.fps, args.overwrite)
+    except (RenderError, OutputError, OSError) as error:
         print(f"gridinr-render: error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {count} {args.output_kind} frames ({args.image_size}x{args.image_size}, {args.path}) to {args.output}")

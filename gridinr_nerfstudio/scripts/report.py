@@ -7,7 +7,8 @@ Conventions (what training writes, see ``eval_log.py``):
 - ``RUN_DIR/renders/reference_<view>.png`` and ``RUN_DIR/renders/edit_<view>.png``: renderings of the same
   view before and after the edit, paired by ``<view>`` (e.g. ``reference_000.png`` / ``edit_000.png``).
 
-Outputs, in ``RUN_DIR/report/``:
+Outputs, in ``RUN_DIR/report/`` (gridinr-report's own folder in the run: a new report replaces the figures of
+the previous one, each renamed into place when complete):
 
 - ``metrics.png``: a few panels: the training curves per step from ``RUN_DIR/train_log.csv`` (each loss term,
   PSNR, the CLIP term; see ``eval/train_log.py``), and the last evaluation's metrics as bars with their spread
@@ -30,6 +31,7 @@ import imageio.v3 as iio
 from matplotlib.figure import Figure
 
 from gridinr_nerfstudio.eval.eval_log import read_metrics_csv
+from gridinr_nerfstudio.safe_write import OutputError, atomic_output
 
 TRAIN_LOG_NAME = "train_log.csv"  # eval/train_log.py (imported lazily: it imports nerfstudio's writer)
 
@@ -141,9 +143,7 @@ def plot_metrics(metric_names: list[str], rows: list[dict[str, str]], out_path: 
             axis.text(0.5, 0.5, "no training log and no metrics", ha="center", va="center", transform=axis.transAxes)
     for axis in axes[len(titles):]:
         axis.set_visible(False)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=100)
-    return out_path
+    return save_figure(figure, out_path)
 
 
 def _eval_points(axis, metrics: list[str], rows: list[dict[str, str]]) -> None:
@@ -209,8 +209,14 @@ def plot_side_by_side(pairs: list[tuple[str, Path, Path]], out_path: Path) -> Pa
             axes[row, column].imshow(image)
             axes[row, column].set_title(f"{label} {view}", fontsize="small")
             axes[row, column].axis("off")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=100)
+    return save_figure(figure, out_path)
+
+
+def save_figure(figure: Figure, out_path: Path) -> Path:
+    """A figure of the report, renamed into place when complete (safe_write.py). RUN_DIR/report/ is
+    gridinr-report's own folder: each report replaces the figures of the previous one (no --overwrite needed)."""
+    with atomic_output(out_path, overwrite=True) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     return out_path
 
 
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for path in make_report(args.run_dir):
             print(f"wrote {path}")
-    except ReportError as error:
+    except (ReportError, OutputError) as error:
         sys.exit(f"gridinr-report: {error}")
 
 

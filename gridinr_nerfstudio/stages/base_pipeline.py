@@ -25,6 +25,15 @@ class StagePipelineConfig(VanillaPipelineConfig):
     stage: str = ""
     """Stage name written to the metrics CSV (each stage's config sets its own)."""
 
+    def setup(self, **kwargs):
+        """ns-eval, ns-viewer and ns-render set the pipeline up just before nerfstudio picks a checkpoint: a run
+        folder it cannot pick one from ends here in one line naming the folder, not in its traceback."""
+        if kwargs.get("test_mode", "val") != "val" and self.run_dir is not None:
+            from gridinr_nerfstudio.runs import exit_unless_nerfstudio_finds_a_checkpoint
+
+            exit_unless_nerfstudio_finds_a_checkpoint(Path(self.run_dir) / "nerfstudio_models")
+        return super().setup(**kwargs)
+
 
 class StagePipeline(VanillaPipeline):
     """Evaluation common to both stages: nerfstudio's image metrics plus ms/frame, rays/s and a CSV row."""

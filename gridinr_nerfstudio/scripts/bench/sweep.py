@@ -27,6 +27,7 @@ from gridinr_nerfstudio.data.volume_io import scene_aabb
 from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
+from gridinr_nerfstudio.safe_write import write_text
 from gridinr_nerfstudio.scripts.bench.fit import Contender
 from gridinr_nerfstudio.scripts.bench.timing import Clock
 from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
@@ -161,8 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     table = markdown_table(results)
     print(table)
     if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
+        write_text(args.markdown, table + "\n", overwrite=getattr(args, "overwrite", False))
     return results
 
 
