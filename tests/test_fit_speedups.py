@@ -10,7 +10,8 @@ import torch
 from checks import voxel_coordinates
 
 from gridinr_nerfstudio.data.volume_io import scene_aabb
-from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 
 
 @pytest.mark.parametrize("preload", [True, False])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
-from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.prefetch import PrefetchingSampler
 from gridinr_nerfstudio.stages.fit.sequence import SequencePointSampler
 
