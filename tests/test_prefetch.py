@@ -135,6 +135,9 @@ class _Failing:
         self.position += 1
         return torch.full((count,), float(step)), torch.full((count,), float(self.position))
 
+    def batch_key(self, step):
+        return step  # every step draws its own kind of batch
+
     def get_state(self):
         return {"position": self.position}
 

@@ -68,6 +68,14 @@ def _work(sampler, staging: Optional[_Staging], requests: queue.Queue, results: 
             results.put((None, None, error))
 
 
+def _stop(requests: queue.Queue, thread: threading.Thread) -> None:
+    """Ask the worker to stop and wait for it: a worker still inside torch while the interpreter exits aborts the
+    process ("terminate called without an active exception")."""
+    requests.put(_STOP)
+    if thread is not threading.current_thread():
+        thread.join(timeout=60)
+
+
 class PrefetchingSampler:
     """Wraps a point sampler (``VolumePointSampler`` on the CPU, ``SequencePointSampler`` of them) whose
     ``batch(count, step)`` returns a tuple of CPU tensors and ``batch_key(step)`` says which steps draw alike;
@@ -90,7 +98,7 @@ class PrefetchingSampler:
         self._thread = threading.Thread(target=_work, args=(sampler, self._staging, self._requests, self._results),
                                         name="gridinr-prefetch", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, self._requests.put, _STOP)
+        self._finalizer = weakref.finalize(self, _stop, self._requests, self._thread)
 
     @property
     def pin(self) -> bool:
@@ -185,6 +193,5 @@ class PrefetchingSampler:
             return
         self._discard()
         self._closed = True
-        self._finalizer()  # puts the stop request (once)
-        self._thread.join()
+        self._finalizer()  # stops the worker (once)
 
