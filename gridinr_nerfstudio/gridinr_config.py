@@ -50,13 +50,13 @@ class GridINRTrainerConfig(TrainerConfig):
         """ns-train's first call: bad inputs end here in one line, before the config dump and the run folder."""
         from gridinr_nerfstudio.stages.validation import exit_on_bad_inputs
 
+        refuse_cpu_multiprocess_launch(self)
         exit_on_bad_inputs(self)
         super().set_timestamp()
 
     def save_config(self) -> None:
         """Called by ns-train just before training (once, before any rank starts): fill in what follows from the
         final CLI values (the run folder; the edit stage adopts its stage-1 run here), then write config.yml."""
-        refuse_cpu_multiprocess_launch(self)
         pipeline: StagePipelineConfig = self.pipeline  # both stages' pipeline configs declare `prepare_run`
         pipeline.prepare_run(self)
         super().save_config()

@@ -13,7 +13,9 @@ Light at import: everything heavy is imported when a command runs.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from typing import Any, Optional
 
 
@@ -79,8 +81,10 @@ def train_rank(place) -> int:
     config = _parse_config()  # every rank parses the same command line (--help ends every rank here)
     distributed.start(place, config.machine.device_type)
     _join_local_groups(place.local_world_size)
-    if place.rank != 0:
-        CONSOLE.quiet = True  # one copy of the logs: rank 0's (errors still reach stderr)
+    if place.rank != 0:  # one copy of the logs and warnings: rank 0's (errors and tracebacks still reach stderr)
+        CONSOLE.quiet = True
+        logging.getLogger("gridinr_nerfstudio").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
     outcome = None
     if place.rank == 0:
         machine = config.machine

@@ -169,7 +169,7 @@ def combine_rank_averages(parts: List[Tuple[int, Dict[str, float]]], with_std: b
         mean = sum(count * values[name] for count, values in parts) / total
         combined[name] = mean
         if with_std and f"{name}_std" in parts[0][1]:
-            spread = sum((count - 1) * values[f"{name}_std"] ** 2 * (count > 1) + count * (values[name] - mean) ** 2
-                         for count, values in parts)  # a part of one view has no spread of its own (std NaN)
+            spread = sum(((count - 1) * values[f"{name}_std"] ** 2 if count > 1 else 0.0)  # one view: std is NaN
+                         + count * (values[name] - mean) ** 2 for count, values in parts)
             combined[f"{name}_std"] = math.sqrt(spread / max(total - 1, 1))
     return combined

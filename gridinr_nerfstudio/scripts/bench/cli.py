@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-BENCHMARKS = ("encoding", "fit", "render", "compression", "memory", "sequence", "edit", "sweep")
+BENCHMARKS = ("encoding", "fit", "render", "compression", "memory", "sequence", "edit", "sweep", "scale")
 
 
 def available_benchmarks() -> dict[str, ModuleType]:
