@@ -8,6 +8,7 @@ a test checks `sys.modules`).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Type
@@ -19,10 +20,11 @@ from nerfstudio.engine.schedulers import Scheduler, SchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from gridinr_nerfstudio import distributed
 from gridinr_nerfstudio.device_defaults import device_defaults
 from gridinr_nerfstudio.fields.hash_grid.optim import HashGridAdam
+from gridinr_nerfstudio.stages.base_pipeline import StagePipelineConfig
 from gridinr_nerfstudio.stages.edit.pipeline import EditPipelineConfig
-from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
 from gridinr_nerfstudio.stages.fit.pipeline import FitPipelineConfig
 from gridinr_nerfstudio.trainer import GridINRTrainer
 
@@ -32,6 +34,8 @@ class GridINRTrainerConfig(TrainerConfig):
     """Records the run folder in the pipeline config, so evaluations (also ns-eval) write the CSV next to the run.
 
     Trains with `GridINRTrainer`: atomic checkpoints, and `--load-dir` resumes the same run to the same end.
+    The run's length is `max_num_iterations` alone: schedules without `max_steps` and the parts that follow the
+    run (coarse-to-fine levels, the coarse sampling phase) read it when training sets up.
     """
 
     _target: Type = field(default_factory=lambda: GridINRTrainer)
@@ -50,24 +54,42 @@ class GridINRTrainerConfig(TrainerConfig):
         a resume (`--load-dir`) is pointed at the run it continues (stages/resume.py)."""
         from gridinr_nerfstudio.stages.validation import exit_on_bad_inputs
 
+        refuse_cpu_multiprocess_launch(self)
         method_defaults = METHOD_DEFAULTS.get(self.method_name or "")
         exit_on_bad_inputs(self, method_defaults() if method_defaults is not None else None)
         super().set_timestamp()
 
     def save_config(self) -> None:
-        """Called by ns-train just before training: fill in what follows from the final CLI values."""
-        prepare_run = getattr(self.pipeline, "prepare_run", None)
-        if callable(prepare_run):
-            prepare_run(self)  # e.g. the edit stage adopts its stage-1 run (and its experiment name) here
-        if hasattr(self.pipeline, "run_dir"):
-            self.pipeline.run_dir = self.get_base_dir()
-        for part in (self.pipeline.datamanager, self.pipeline.model):
-            if hasattr(part, "max_iterations"):
-                part.max_iterations = self.max_num_iterations
-        for group in self.optimizers.values():
-            if isinstance(group.get("scheduler"), LogLinearDecaySchedulerConfig):
-                group["scheduler"].max_steps = self.max_num_iterations
+        """Called by ns-train just before training (once, before any rank starts): fill in what follows from the
+        final CLI values (the run folder; the edit stage adopts its stage-1 run here), then write config.yml."""
+        pipeline: StagePipelineConfig = self.pipeline  # both stages' pipeline configs declare `prepare_run`
+        pipeline.prepare_run(self)
         super().save_config()
+
+    def is_viewer_enabled(self) -> bool:
+        """The viewer runs on rank 0 only (nerfstudio would also start one on every other machine's first rank)."""
+        return super().is_viewer_enabled() and distributed.is_main()
+
+    def setup(self, **kwargs):
+        """The trainer, with schedules that end with the run: a LogLinearDecayScheduler without `max_steps` decays
+        over `max_num_iterations` (resolved on a copy: config.yml keeps "the run's length")."""
+        config = copy.copy(self)
+        config.optimizers = copy.deepcopy(self.optimizers)
+        for group in config.optimizers.values():
+            scheduler = group.get("scheduler")
+            if isinstance(scheduler, LogLinearDecaySchedulerConfig) and scheduler.max_steps is None:
+                scheduler.max_steps = self.max_num_iterations
+        return config._target(config, **kwargs)
+
+
+def refuse_cpu_multiprocess_launch(config: TrainerConfig) -> None:
+    """nerfstudio's launcher of several processes asserts CUDA: on a CPU say in one line what works instead."""
+    machine = config.machine
+    if machine.device_type != "cuda" and machine.num_devices * machine.num_machines > 1:
+        raise SystemExit(f"--machine.num-devices {machine.num_devices} needs CUDA (nerfstudio's launcher): on a "
+                         f"{machine.device_type}, start the processes with torchrun, e.g. torchrun --standalone "
+                         f"--nproc-per-node {machine.num_devices} gridinr-train {config.method_name} ... (README, "
+                         "\"Scaling out\")")
 
 
 @dataclass
@@ -119,7 +141,8 @@ class LogLinearDecaySchedulerConfig(SchedulerConfig):
 
     _target: Type = field(default_factory=lambda: LogLinearDecayScheduler)
     lr_final: float = 1e-4
-    max_steps: int = 3000
+    max_steps: Optional[int] = None
+    """Steps of the decay; None: the run's --max-num-iterations."""
 
 
 class LogLinearDecayScheduler(Scheduler):
@@ -132,6 +155,9 @@ class LogLinearDecayScheduler(Scheduler):
     config: LogLinearDecaySchedulerConfig
 
     def get_scheduler(self, optimizer: torch.optim.Optimizer, lr_init: float) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.config.max_steps is None:
+            raise ValueError("LogLinearDecaySchedulerConfig.max_steps is None: GridINRTrainerConfig.setup sets it to "
+                             "the run's --max-num-iterations; set it yourself outside a trainer")
         ratio = self.config.lr_final / lr_init
 
         def multiplier(step: int) -> float:
@@ -160,15 +186,12 @@ def use_cpu_field_defaults(config: GridINRTrainerConfig) -> GridINRTrainerConfig
         field_settings.coarse_to_fine = 0.1
         config.max_num_iterations = config.steps_per_eval_all_images = CPU_FIT_ITERATIONS
         config.steps_per_save = config.steps_per_eval_image = config.steps_per_eval_batch = CPU_FIT_ITERATIONS // 2
-        config.pipeline.datamanager.max_iterations = CPU_FIT_ITERATIONS
-        for group in config.optimizers.values():
-            group["scheduler"].max_steps = CPU_FIT_ITERATIONS
     return config
 
 
 def fit_trainer_config() -> GridINRTrainerConfig:
     """Stage 1 defaults, measured on a 2-core CPU (README, "Benchmarks"; docs/cpu_profiles.md)."""
-    schedule = LogLinearDecaySchedulerConfig(lr_final=1e-4, max_steps=FIT_ITERATIONS)
+    schedule = LogLinearDecaySchedulerConfig(lr_final=1e-4)  # over the run's length
     return use_cpu_field_defaults(GridINRTrainerConfig(
         method_name="gridinr-fit",
         max_num_iterations=FIT_ITERATIONS,
@@ -180,9 +203,7 @@ def fit_trainer_config() -> GridINRTrainerConfig:
         mixed_precision=False,
         machine=default_machine(),
         viewer=loopback_viewer(),
-        pipeline=FitPipelineConfig(
-            datamanager=FitDataManagerConfig(max_iterations=FIT_ITERATIONS),
-        ),
+        pipeline=FitPipelineConfig(),
         optimizers={
             "encoding": {
                 "optimizer": HashGridAdamOptimizerConfig(lr=1e-2, eps=1e-15),

@@ -22,6 +22,12 @@ Three changes to nerfstudio 1.1.5's `Trainer`, each for a failure seen on real r
   with the methods' defaults (equal numbers) no run was ever evaluated. Here the end of training saves the last
   checkpoint (unless that step is saved already) and evaluates every eval view (a metrics.csv row; stage 2: the
   reference/edit pairs) unless metrics.csv already holds a row for that step.
+
+Data-parallel runs (several processes, stages/base_pipeline.py): every rank takes part in a save (its torch
+generators are gathered into the checkpoint) and rank 0 writes it; a resume on as many ranks gives each its own
+generators back, on another number of ranks the samplers' one shared state still continues the run. Evaluation
+batches and single eval images are computed once, by rank 0; full evaluations are split across the ranks. A
+distributed run ends when training ends (rank 0 does not stay on with the viewer).
 """
 
 from __future__ import annotations
@@ -30,35 +36,56 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from nerfstudio.engine.trainer import Trainer
-from nerfstudio.utils import comms, writer
-from nerfstudio.utils.decorators import check_main_thread
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
+from nerfstudio.utils.decorators import check_eval_enabled
+from nerfstudio.utils.misc import step_check
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from gridinr_nerfstudio import distributed
 from gridinr_nerfstudio.eval import eval_log, train_log
 from gridinr_nerfstudio.runs import list_checkpoints, read_newest_checkpoint, save_checkpoint_atomically
+from gridinr_nerfstudio.stages.base_pipeline import StagePipeline
 
 
-def random_state(pipeline) -> Dict[str, Any]:
-    """Generators a training step draws from: torch's global ones and the data manager's own samplers."""
+def torch_generators() -> Dict[str, Any]:
+    """This process's torch generators (the CPU one and, with CUDA, every device's)."""
     state: Dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    get_state = getattr(pipeline.datamanager, "get_sampler_state", None)
-    if callable(get_state):
-        state["datamanager"] = get_state()
     return state
 
 
-def restore_random_state(pipeline, state: Dict[str, Any]) -> None:
-    """Inverse of `random_state` (parts a checkpoint lacks are left as they are)."""
+def restore_torch_generators(state: Dict[str, Any]) -> None:
+    """Inverse of `torch_generators` (parts a checkpoint lacks are left as they are)."""
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-    set_state = getattr(pipeline.datamanager, "set_sampler_state", None)
-    if "datamanager" in state and callable(set_state):
-        set_state(state["datamanager"])
+
+
+def random_state(pipeline: StagePipeline) -> Dict[str, Any]:
+    """Generators a training step draws from: torch's (rank 0's at the top, every rank's under "ranks" when
+    distributed) and the data manager's samplers (one state, the same on every rank). A collective: every rank
+    calls it."""
+    generators = torch_generators()
+    state: Dict[str, Any] = dict(generators)
+    if distributed.world_size() > 1:
+        state["ranks"] = distributed.all_gather_objects(generators)
+    state["datamanager"] = pipeline.datamanager.get_sampler_state()
+    return state
+
+
+def restore_random_state(pipeline: StagePipeline, state: Dict[str, Any]) -> None:
+    """Inverse of `random_state`: each rank takes its own generators when the run had as many ranks (else rank 0's
+    go to rank 0 and the others keep their seeds); the samplers continue from the one saved state."""
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) == distributed.world_size():
+        restore_torch_generators(ranks[distributed.rank()])
+    elif distributed.is_main():
+        restore_torch_generators(state)
+    if "datamanager" in state:
+        pipeline.datamanager.set_sampler_state(state["datamanager"])
 
 
 class GridINRTrainer(Trainer):
@@ -67,6 +94,13 @@ class GridINRTrainer(Trainer):
 
     saved_step: Optional[int] = None
     """Step of the checkpoint in this run's folder that holds the current state (not saved again)."""
+
+    pipeline: StagePipeline
+
+    def __init__(self, config: TrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
+        if world_size > 1:  # rank 0 waiting in the viewer after training would keep every rank (and torchrun) up
+            config.viewer.quit_on_train_completion = True
+        super().__init__(config, local_rank=local_rank, world_size=world_size)
 
     def _load_checkpoint(self) -> None:
         load_dir, load_checkpoint = self.config.load_dir, self.config.load_checkpoint
@@ -117,6 +151,15 @@ class GridINRTrainer(Trainer):
         finally:
             self.config.max_num_iterations = total
 
+    @check_eval_enabled
+    def eval_iteration(self, step: int) -> None:
+        """nerfstudio's evaluations; with several ranks, the evaluation batch and the single eval image on rank 0
+        alone, and the full evaluation (which splits its views across the ranks) on every rank."""
+        if distributed.is_main():
+            super().eval_iteration(step)
+        elif step_check(step, self.config.steps_per_eval_all_images):
+            self.pipeline.get_average_eval_image_metrics(step=step)
+
     def _after_train(self) -> None:
         """The last checkpoint, then the full evaluation, then nerfstudio's end (banner, callbacks, viewer)."""
         self.save_checkpoint(self.step)
@@ -125,38 +168,42 @@ class GridINRTrainer(Trainer):
 
     def evaluate_at_end(self) -> None:
         """Evaluate every eval view at the last step, unless metrics.csv holds that step already (an evaluation
-        during training at the same step, or a completed run resumed again), whatever `--vis` is."""
-        if not self.config.final_evaluation or not comms.is_main_process():
+        during training at the same step, or a completed run resumed again), whatever `--vis` is. With several
+        ranks rank 0 decides and every rank takes its share of the views."""
+        if not self.config.final_evaluation or not self.pipeline.datamanager.eval_dataset:
             return
-        if not self.pipeline.datamanager.eval_dataset:
-            return
-        if eval_log.has_row_for_step(self.base_dir / "metrics.csv", self.step):
+        done = distributed.is_main() and eval_log.has_row_for_step(self.base_dir / "metrics.csv", self.step)
+        if distributed.world_size() > 1:
+            done = distributed.broadcast_object(done)
+        if done:
             return
         with self.train_lock:
             metrics = self.pipeline.get_average_eval_image_metrics(step=self.step)
-        writer.put_dict(name="Eval Images Metrics Dict (all images)", scalar_dict=metrics, step=self.step)
-        writer.write_out_storage()
+        if distributed.is_main():
+            writer.put_dict(name="Eval Images Metrics Dict (all images)", scalar_dict=metrics, step=self.step)
+            writer.write_out_storage()
 
-    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
         """Write `step-N.ckpt` atomically; older checkpoints are deleted (when latest-only) once it is complete.
 
-        A step saved already (the last step when `--steps-per-save` divides it, a completed run resumed) is not
-        written twice."""
+        Every rank calls this (their generators are gathered); rank 0 writes. A step saved already (the last step
+        when `--steps-per-save` divides it, a completed run resumed) is not written twice."""
         path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         if self.saved_step == step and path.is_file():
             return
-        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        generators = random_state(self.pipeline)
+        self.saved_step = step
+        if not distributed.is_main():
+            return
         state = {
             "step": step,
-            "pipeline": pipeline.state_dict(),
+            "pipeline": self.pipeline.state_dict(),  # the keys of a single-process run, also when distributed
             "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
             "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
-            "random_state": random_state(self.pipeline),
+            "random_state": generators,
         }
         save_checkpoint_atomically(state, path, scratch_dir=self.base_dir)
-        self.saved_step = step
         if self.config.save_only_latest_checkpoint:
             for _, older in list_checkpoints(self.checkpoint_dir):
                 if older != path:

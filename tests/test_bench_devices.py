@@ -52,7 +52,7 @@ def test_fit_benchmark_backend_and_optimizer_contenders(write_raw_dataset) -> No
     results = fit.run(args)
     assert results["ours_torch"]["backend"] == "torch" and results["ours_torch"]["hash_optimizer"] == "HashGridAdam"
     assert results["ours_dense"]["hash_optimizer"] == "Adam"
-    assert results["config"]["sampler"] == ["DeviceVolumePointSampler"] and results["config"]["device"] == "cpu"
+    assert results["config"]["sampler"] == ["resident on cpu"] and results["config"]["device"] == "cpu"
     with pytest.raises(SystemExit, match="unknown contender"):
         fit.run(parser.parse_args(["--data", str(volume.info.path), "--contenders", "ours_fast"]))
 

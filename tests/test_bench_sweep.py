@@ -58,7 +58,7 @@ def test_error_weighted_sampler_draws_where_the_errors_are(write_raw_dataset):
     import torch
 
     from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
-    from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+    from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 
     voxels = np.random.default_rng(2).random((16, 16, 32)).astype(np.float32)  # (Z, Y, X): blocks 4 x 2 x 2
     volume = open_volume(write_raw_dataset({"v": [voxels]}, name="blocks"))
@@ -90,7 +90,7 @@ def test_bench_contender_drives_the_coarse_to_fine_schedule(write_raw_dataset):
     from gridinr_nerfstudio.gridinr_config import fit_trainer_config
     from gridinr_nerfstudio.scripts.bench.fit import Contender
     from gridinr_nerfstudio.scripts.bench.timing import Clock
-    from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+    from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 
     volume = open_volume(write_raw_dataset({"v": [np.random.default_rng(3).random((6, 7, 8)).astype(np.float32)]}))
     aabb = scene_aabb(volume)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
-from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.error_sampling import ErrorWeightedSampler
 
 

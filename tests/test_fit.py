@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from nerfstudio.utils.eval_utils import eval_setup
+from tiny_runs import run_of
 
 from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
 
@@ -42,7 +43,8 @@ def test_targets_equal_voxels_at_voxel_centres(shared_data, tmp_path, preload):
 
 def test_batches_lie_in_the_box_and_coarse_phase_uses_the_subgrid(tmp_path):
     manager = _datamanager(Path("builtin-default"), tmp_path, batch_size=1000, subsample_factor=4, subsample_fraction=0.5,
-                           max_iterations=10, sampling="continuous")
+                           sampling="continuous")
+    manager.get_training_callbacks(run_of(10))  # the coarse phase: half of the run's 10 steps
     aabb = manager.aabb
     coarse_points, coarse_batch = manager.next_train(step=0)
     fine_points, _ = manager.next_train(step=9)

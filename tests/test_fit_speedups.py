@@ -10,7 +10,8 @@ import torch
 from checks import voxel_coordinates
 
 from gridinr_nerfstudio.data.volume_io import scene_aabb
-from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 
 
 @pytest.mark.parametrize("preload", [True, False])
@@ -161,7 +162,7 @@ def test_coarse_to_fine_without_gradients_matches_the_autograd_path():
 
 def test_fit_model_callback_advances_the_schedule(tmp_path):
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
-    from tiny_runs import train_tiny_fit
+    from tiny_runs import run_of, train_tiny_fit
 
     from gridinr_nerfstudio.runs import load_run_pipeline
 
@@ -170,8 +171,7 @@ def test_fit_model_callback_advances_the_schedule(tmp_path):
     model = pipeline.model
     assert model.field.level_progress == 1.0  # loaded runs use every level
     model.config.field.coarse_to_fine = 0.5
-    model.config.max_iterations = 20  # the schedule spans steps 0..10
-    callbacks = model.get_training_callbacks(None)
+    callbacks = model.get_training_callbacks(run_of(20))  # a run of 20 steps: the schedule spans steps 0..10
     for callback in callbacks:
         callback.run_callback_at_location(step=4, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
     assert model.field.level_progress == pytest.approx(0.4)

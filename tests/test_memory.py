@@ -13,7 +13,7 @@ from gridinr_nerfstudio.data.volume_io import Volume, open_volume, write_dataset
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.memmap_grid import MemmapGridField
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
-from gridinr_nerfstudio.stages.fit import datamanager as fit_datamanager
+from gridinr_nerfstudio.stages.fit import point_sampler
 from gridinr_nerfstudio.stages.fit.shuffle import FeistelPermutation
 
 
@@ -62,9 +62,9 @@ def test_occupancy_from_slabs_equals_from_volume(small_dataset):
 
 def test_epochs_over_a_large_volume_visit_every_voxel_once(small_dataset, monkeypatch):
     """Above RANDPERM_MAX_VOXELS the shuffle is computed on the fly: still each voxel once per epoch."""
-    monkeypatch.setattr(fit_datamanager, "RANDPERM_MAX_VOXELS", 16)
+    monkeypatch.setattr(point_sampler, "RANDPERM_MAX_VOXELS", 16)
     volume = open_volume(small_dataset)
-    sampler = fit_datamanager.VolumePointSampler(volume, torch.as_tensor(np.stack([-volume.half_size,
+    sampler = point_sampler.VolumePointSampler(volume, torch.as_tensor(np.stack([-volume.half_size,
                                                  volume.half_size])).float(), preload_max_bytes=0)
     batches = [sampler.epoch_indices(100) for _ in range(sampler.num_voxels // 100)]
     seen = torch.cat(batches + [sampler.epoch_indices(sampler.num_voxels % 100)])
@@ -84,7 +84,7 @@ def test_tiny_preload_limit_never_loads_the_whole_volume(small_dataset, tmp_path
         raise AssertionError("normalized_array() called on the memmap path")
 
     monkeypatch.setattr(Volume, "normalized_array", forbidden)
-    monkeypatch.setattr(fit_datamanager, "RANDPERM_MAX_VOXELS", 64)
+    monkeypatch.setattr(point_sampler, "RANDPERM_MAX_VOXELS", 64)
     config_path = train_tiny_fit(tmp_path / "run", data=small_dataset, iterations=12, preload_max_bytes=0,
                                  datamanager_overrides={"preload_max_bytes": 0})
     _, pipeline, _, _ = eval_setup(config_path)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gridinr_nerfstudio.data.volume_io import open_volume, scene_aabb
-from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig, VolumePointSampler
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.prefetch import PrefetchingSampler
 from gridinr_nerfstudio.stages.fit.sequence import SequencePointSampler
 
@@ -133,6 +134,9 @@ class _Failing:
             raise ValueError(f"no batch at step {step}")
         self.position += 1
         return torch.full((count,), float(step)), torch.full((count,), float(self.position))
+
+    def batch_key(self, step):
+        return step  # every step draws its own kind of batch
 
     def get_state(self):
         return {"position": self.position}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
+from nerfstudio.engine.callbacks import TrainingCallbackAttributes
 from nerfstudio.scripts.train import main as ns_train_main
 
 from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT
@@ -27,6 +29,12 @@ def run_ns_train(config) -> None:
                 event_writer.tb_writer.close()
         writer.EVENT_WRITERS.clear()
         writer.EVENT_STORAGE.clear()
+
+
+def run_of(iterations: int) -> TrainingCallbackAttributes:
+    """What a trainer hands the training callbacks of a run of `iterations` steps (only its config is read)."""
+    trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=iterations))
+    return TrainingCallbackAttributes(optimizers=None, grad_scaler=None, pipeline=None, trainer=trainer)
 
 
 def shrink_dataparser(dataparser, cache_dir: Path, image_size: int = 32) -> None:

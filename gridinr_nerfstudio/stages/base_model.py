@@ -28,6 +28,7 @@ from gridinr_nerfstudio.eval.metrics import ImageMetrics
 from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
+from gridinr_nerfstudio.helper_modules import HelperModules
 from gridinr_nerfstudio.rendering.images import render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import SampleFn, ValueFn, estimate_normals, render_rays
@@ -87,18 +88,41 @@ class StageModel(Model):
         self.render_settings: RenderSettings = copy.deepcopy(self.kwargs["metadata"]["render_settings"])
         self.register_buffer("aabb", self.scene_box.aabb.clone().float(), persistent=False)
         self._transfer_function_cache: Tuple[str, torch.nn.Module] | None = None
-        # Built on first use and not part of checkpoints: the decoded field and its empty-space macrocells.
-        self.__dict__["field_cache"] = None
-        self.__dict__["occupancy_grid"] = None
+        # Out of the module tree (checkpoints, parameters, DDP): the decoded field and its empty-space macrocells,
+        # built on first use, and the image metrics (LPIPS weights, built lazily).
+        self.helpers = HelperModules(field_cache=None, occupancy_grid=None, image_metrics=ImageMetrics(
+            lpips_net=self.config.lpips_net, lpips_weights=self.config.lpips_weights, device=self.aabb.device))
         self.field_version, self.cache_version = 0, -1
         self.render_time: float = 0.0  # time in [0, 1] of a sequence's renders (cameras with `times` set it)
         self.cache_time: float = 0.0
         for name, element in render_controls(self.render_settings).items():
             setattr(self, f"viewer_{name}", element)
-        # Built lazily and kept out of the module tree: LPIPS weights are never part of our checkpoints.
-        self.__dict__["image_metrics"] = ImageMetrics(
-            lpips_net=self.config.lpips_net, lpips_weights=self.config.lpips_weights, device=self.aabb.device
-        )
+
+    @property
+    def field_cache(self) -> Optional[Union[DenseGridField, BrickFieldCache]]:
+        """The field decoded onto a grid as last built (None until a render needs it; see `cached_field`)."""
+        return self.helpers.field_cache
+
+    @property
+    def occupancy_grid(self) -> Optional[OccupancyGrid]:
+        """The empty-space macrocells as last built (None until an accelerated render needs them)."""
+        return self.helpers.occupancy_grid
+
+    @property
+    def image_metrics(self) -> ImageMetrics:
+        """PSNR, SSIM and LPIPS against reference renderings (LPIPS weights never enter our checkpoints)."""
+        return self.helpers.image_metrics
+
+    def forward(self, inputs, *args):
+        """What DDP calls (so gradients are averaged over the ranks): camera rays go nerfstudio's way (`get_outputs`);
+        a stage's training batch (points, views) goes to `get_batch_outputs`."""
+        if isinstance(inputs, RayBundle):
+            return super().forward(inputs)
+        return self.get_batch_outputs(inputs, *args)
+
+    def get_batch_outputs(self, inputs, *args) -> Dict[str, torch.Tensor]:
+        """Outputs for the stage's own training batches (stage 1: points, stage 2: whole views)."""
+        raise NotImplementedError
 
     def transfer_function(self) -> torch.nn.Module:
         """The transfer function of the current render settings (rebuilt when the viewer changes them)."""
@@ -115,8 +139,8 @@ class StageModel(Model):
 
     def invalidate_field_cache(self) -> None:
         """Forget the decoded field (and its macrocells): the next render decodes the current field."""
-        self.__dict__["field_cache"] = None
-        self.__dict__["occupancy_grid"] = None
+        self.helpers.field_cache = None
+        self.helpers.occupancy_grid = None
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         def advance(step: int) -> None:
@@ -143,7 +167,7 @@ class StageModel(Model):
                                            time=self.field_time())
                 self.field.train(was_training)
             self.invalidate_field_cache()
-            self.__dict__["field_cache"] = cache
+            self.helpers.field_cache = cache
             self.cache_version, self.cache_time = self.field_version, self.render_time
         return self.field_cache
 
@@ -221,8 +245,7 @@ class StageModel(Model):
                 for other in grids[1:]:
                     grid.min_values = torch.minimum(grid.min_values, other.min_values)
                     grid.max_values = torch.maximum(grid.max_values, other.max_values)
-            grid = grid.to(self.aabb.device)
-            self.__dict__["occupancy_grid"] = grid
+            self.helpers.occupancy_grid = grid.to(self.aabb.device)
         return self.occupancy_grid.update(color_fn)
 
     def render_kwargs(self, accelerate: bool = False) -> Dict:

@@ -32,7 +32,7 @@ from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSetti
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.fit import Contender
 from gridinr_nerfstudio.scripts.bench.timing import Clock
-from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
 TIERS = {

@@ -10,7 +10,7 @@ other processes hits both alike. Volume PSNR is measured at native resolution ov
 at the end, and at the optional ``--curve`` times.
 
 ``--device`` (auto: CUDA when available) moves everything there: the models, and the volume too when it fits in a
-quarter of the GPU's memory (batches are then made on the GPU, stages/fit/device_sampler.py; ``--resident``);
+quarter of the GPU's memory (batches are then made on the GPU, stages/fit/point_sampler.py; ``--resident``);
 step times are then measured with the GPU synchronised at the end of each step. Contenders: ``ours`` (the method's
 field and optimizers; backend and hash optimizer picked for the device), ``ours_<backend>`` for a backend
 (tcnn, triton, cpp, torch), ``ours_dense`` / ``ours_lazy`` for the hash-table optimizer mode, ``ours_mixed``
@@ -42,8 +42,7 @@ from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings, value_mlp
 from gridinr_nerfstudio.gridinr_config import GridINRTrainerConfig, fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
-from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
-from gridinr_nerfstudio.stages.fit.device_sampler import make_point_sampler
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler, make_point_sampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 
 BACKENDS = ("tcnn", "triton", "cpp", "torch")
@@ -234,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
         if isinstance(contender.model, VolumeField):
             contender.backend = contender.model.encoding.backend_for(device)  # fails here if it cannot run
         contender.warm_up()
-    samplers = {type(c.sampler).__name__ for c in contenders}
+    samplers = {f"resident on {c.sampler.device.type}" if c.sampler.resident else "host" for c in contenders}
     decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
     budget = f"{args.iterations} steps" if args.iterations > 0 else f"{args.seconds:.0f} s"
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {budget} per contender, "

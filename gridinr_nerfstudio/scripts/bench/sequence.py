@@ -23,7 +23,7 @@ from gridinr_nerfstudio.data.timesteps import parse_timesteps, share_value_range
 from gridinr_nerfstudio.data.volume_io import open_volume, read_info, scene_aabb, write_dataset
 from gridinr_nerfstudio.fields.volume_field import VolumeField
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
-from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 from gridinr_nerfstudio.stages.fit.sequence import SequencePointSampler
 

@@ -30,7 +30,7 @@ from gridinr_nerfstudio.gridinr_config import fit_trainer_config
 from gridinr_nerfstudio.safe_write import write_text
 from gridinr_nerfstudio.scripts.bench.fit import Contender
 from gridinr_nerfstudio.scripts.bench.timing import Clock
-from gridinr_nerfstudio.stages.fit.datamanager import VolumePointSampler
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.error_sampling import ErrorWeightedSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
 

@@ -113,8 +113,13 @@ class EditModel(StageModel):
 
     def set_clip_loss(self, clip_loss: Optional[ClipLoss]) -> None:
         """Use `clip_loss` for the CLIP term (built by the pipeline, like LERF's CLIP encoder)."""
-        # A plain attribute, not a submodule: CLIP's weights stay out of checkpoints and optimizer groups.
-        self.__dict__["clip_loss"] = clip_loss
+        # A helper, not a submodule: CLIP's weights stay out of checkpoints, optimizer groups and DDP.
+        self.helpers.clip_loss = clip_loss
+
+    @property
+    def clip_loss(self) -> Optional[ClipLoss]:
+        """The CLIP term's loss (None without CLIP weights or with lam_clip 0)."""
+        return self.helpers.clip_loss
 
     def render_views(self, cameras: Cameras) -> torch.Tensor:
         """Differentiable whole-image renderings (K, H, W, 3) of `cameras`, jittered while training; a sequence's
@@ -139,6 +144,10 @@ class EditModel(StageModel):
     def get_view_outputs(self, cameras: Cameras) -> Dict[str, torch.Tensor]:
         """Stage 2 trains on whole views (CLIP needs images): rendered `rgb` (K, H, W, 3) of `cameras`."""
         return {"rgb": self.render_views(cameras)}
+
+    def get_batch_outputs(self, cameras: Cameras) -> Dict[str, torch.Tensor]:
+        """A training batch's outputs (what the pipeline's DDP-wrapped model call reaches): `get_view_outputs`."""
+        return self.get_view_outputs(cameras)
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         """PSNR of the rendered views against their reference renderings."""

@@ -14,6 +14,7 @@ import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from gridinr_nerfstudio import distributed
 from gridinr_nerfstudio.eval.eval_log import save_render_grid
 from gridinr_nerfstudio.runs import load_run_config, read_newest_checkpoint, save_checkpoint_atomically
 from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
@@ -51,6 +52,7 @@ class EditPipelineConfig(StagePipelineConfig):
         changes nothing, and a copied edit run is complete.
         """
         if self.stage1_config is None or self.model.stage1_checkpoint is not None:
+            super().prepare_run(trainer_config)
             return
         stage1 = adopt_stage1_run(self)
         if trainer_config.experiment_name is None:
@@ -64,6 +66,7 @@ class EditPipelineConfig(StagePipelineConfig):
         save_checkpoint_atomically({"step": step, "pipeline": field_state, "source": str(source)},
                                    run_dir / STAGE1_FIELD_FILE, scratch_dir=run_dir)
         self.model.stage1_checkpoint = Path(STAGE1_FIELD_FILE)
+        super().prepare_run(trainer_config)  # the run folder, now under the stage-1 run's experiment name
 
 
 STAGE1_FIELD_FILE = "stage1_field.ckpt"
@@ -148,17 +151,23 @@ class EditPipeline(StagePipeline):
             return None
 
     def get_train_loss_dict(self, step: int):
-        """nerfstudio's contract with whole views for rays: outputs, then `get_metrics_dict` and `get_loss_dict`."""
+        """nerfstudio's contract with whole views for rays: outputs, then `get_metrics_dict` and `get_loss_dict`.
+
+        The views go through `self._model`, the DDP wrapper when distributed, so gradients are averaged."""
         cameras, batch = self.datamanager.next_train(step)
-        outputs = self.model.get_view_outputs(cameras)
+        outputs = self._model(cameras)
         metrics = self.model.get_metrics_dict(outputs, batch)
         loss_dict = self.model.get_loss_dict(outputs, batch, metrics)
         return {"rgb": outputs["rgb"].detach()}, loss_dict, metrics
 
     @torch.no_grad()
     def get_eval_loss_dict(self, step: int):
+        """Losses on a random evaluation view (its own generator: training views do not depend on evaluation)."""
         self.eval()
-        _, loss_dict, metrics = self.get_train_loss_dict(step)
+        cameras, batch = self.datamanager.next_eval(step)
+        outputs = self.model.get_view_outputs(cameras)
+        metrics = self.model.get_metrics_dict(outputs, batch)
+        loss_dict = self.model.get_loss_dict(outputs, batch, metrics)
         self.train()
         return {}, loss_dict, metrics
 
@@ -172,19 +181,33 @@ class EditPipeline(StagePipeline):
     @torch.no_grad()
     def extra_eval_metrics(self) -> dict:
         """CLIP cosine of the eval views to the target (also under a second CLIP model when available);
-        saves reference/edit pairs of the first eval views for `gridinr-report`."""
+        saves reference/edit pairs of the first eval views for `gridinr-report`.
+
+        Several ranks: each renders and scores its share of the views; rank 0 saves the pairs."""
         metrics: dict = {}
         scorers: List[Tuple[str, Optional[LoadedClip]]] = [("clip_cosine", self.clip)]
         if self.model.config.second_clip_model is not None:
             scorers.append((f"clip_cosine_{self.model.config.second_clip_model}", self.second_clip))
-        need_all = any(clip is not None for _, clip in scorers)
-        images = self.render_eval_views(None if need_all else 4)
-        self.save_before_after(images[:4])
+        if not any(clip is not None for _, clip in scorers):  # only the pairs: four views, rendered once
+            if distributed.is_main():
+                self.save_before_after(self.render_eval_views(4))
+            for name, _ in scorers:
+                self.metric_unavailable(name, self.clip_unavailable_reason or "CLIP weights not available")
+            return metrics
+        views = list(distributed.share(len(self.datamanager.eval_dataset.cameras)))
+        images = self.render_views_at(views)
+        scores = {name: clip_cosine(clip, images, self.clip_target(clip)).cpu().tolist() if views else []
+                  for name, clip in scorers if clip is not None}
+        firsts = [(view, image.cpu()) for view, image in zip(views, images) if view < 4]
+        gathered = distributed.all_gather_objects((scores, firsts))
+        if distributed.is_main():
+            self.save_before_after(torch.stack([image for _, part in gathered for _, image in sorted(part[1])]))
         for name, clip in scorers:
             if clip is None:  # left out (writers need numbers); said once
                 self.metric_unavailable(name, self.clip_unavailable_reason or "CLIP weights not available")
             else:
-                metrics[name] = float(clip_cosine(clip, images, self.clip_target(clip)).mean())
+                values = [value for part in gathered for value in part[0][name]]
+                metrics[name] = float(sum(values) / len(values))
         return metrics
 
     def save_before_after(self, edits: torch.Tensor) -> None:
@@ -201,16 +224,24 @@ class EditPipeline(StagePipeline):
     @torch.no_grad()
     def render_eval_views(self, count: Optional[int] = None) -> torch.Tensor:
         """Renderings (K, H, W, 3) of the first `count` eval views (all by default)."""
+        views = len(self.datamanager.eval_dataset.cameras)
+        return self.render_views_at(range(views if count is None else min(count, views)))
+
+    @torch.no_grad()
+    def render_views_at(self, views) -> torch.Tensor:
+        """Renderings (K, H, W, 3) of the eval views numbered `views` (K may be 0)."""
+        views = list(views)
         cameras = self.datamanager.eval_dataset.cameras
-        count = len(cameras) if count is None else min(count, len(cameras))
+        if not views:
+            return torch.zeros(0, int(cameras.height[0]), int(cameras.width[0]), 3)
         self.model.eval()
-        images = self.model.render_views(cameras[torch.arange(count)].to(self.device))
+        images = self.model.render_views(cameras[torch.tensor(views)].to(self.device))
         self.model.train(self.training)
         return images.clamp(0, 1)
 
     def save_intermediate_renders(self, step: int) -> None:
-        """Grid of the first eval views (reference row above the edit row) in run_dir/renders/."""
-        if self.config.run_dir is None:
+        """Grid of the first eval views (reference row above the edit row) in run_dir/renders/ (rank 0)."""
+        if self.config.run_dir is None or not distributed.is_main():
             return
         folder = Path(self.config.run_dir) / "renders"
         edits = self.render_eval_views(4)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Literal, Type
+from typing import Callable, Dict, List, Literal, Tuple, Type
 
 import numpy as np
 import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
+from gridinr_nerfstudio import distributed
 from gridinr_nerfstudio.data.timesteps import step_times
 from gridinr_nerfstudio.data.volume_io import Volume
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
@@ -27,8 +28,6 @@ class FitModelConfig(StageModelConfig):
     _target: Type = field(default_factory=lambda: FitModel)
     field: VolumeFieldSettings = field(default_factory=VolumeFieldSettings)
     """Encoding and MLP sizes."""
-    max_iterations: int = 1000
-    """The run's training steps (set from --max-num-iterations when the run starts), for the coarse-to-fine schedule."""
     loss: Literal["l2", "l1"] = "l2"
     """Loss on normalised values."""
     volume_psnr_chunk: int = 1 << 18
@@ -49,8 +48,10 @@ class FitModel(StageModel):
         return self.transfer_function()
 
     def get_training_callbacks(self, training_callback_attributes):
+        """The coarse-to-fine schedule over the first `coarse_to_fine` of the run's steps (--max-num-iterations, the
+        one place the run's length is set)."""
         callbacks = super().get_training_callbacks(training_callback_attributes)
-        ramp = self.config.field.coarse_to_fine * self.config.max_iterations
+        ramp = self.config.field.coarse_to_fine * training_callback_attributes.trainer.config.max_num_iterations
         if ramp > 0:  # set each step, so a resumed run continues the schedule where it was
 
             def advance_levels(step: int) -> None:
@@ -67,6 +68,10 @@ class FitModel(StageModel):
         """The field's values (N,) at world points (N, 3) inside the box (at `times` (N,) for a sequence):
         stage 1 trains on points, not rays."""
         return {"value": self.field.forward_unit(self.field.to_unit_cube(points), times)}
+
+    def get_batch_outputs(self, points: torch.Tensor, times: torch.Tensor | None = None) -> Dict[str, torch.Tensor]:
+        """A training batch's outputs (what the pipeline's DDP-wrapped model call reaches): `get_point_outputs`."""
+        return self.get_point_outputs(points, times)
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         """PSNR of the batch's values (L2 loss only)."""
@@ -86,15 +91,22 @@ class FitModel(StageModel):
         per_step = self.volume_psnr_per_step()
         return float(np.mean(list(per_step.values())))
 
-    def volume_psnr_per_step(self) -> Dict[int, float]:
-        """{time step (1-based, as in the file names): volume PSNR (dB)} for each step the field covers."""
+    def volume_psnr_per_step(self, split: bool = False) -> Dict[int, float]:
+        """{time step (1-based, as in the file names): volume PSNR (dB)} for each step the field covers.
+
+        `split`: every rank of a data-parallel run calls this and measures its share of the z-slabs (the squared
+        errors are summed over the ranks); otherwise one process measures every voxel."""
         times = step_times(len(self.volumes)).tolist()
+        part, parts = (distributed.rank(), distributed.world_size()) if split else (0, 1)
         result = {}
         for step, volume, time in zip(self.timesteps, self.volumes, times):
             def at_time(unit, t=time if len(self.volumes) > 1 else None):
                 return self.field.forward_unit(unit, t)
 
-            result[step] = volume_psnr(at_time, volume, self.aabb.device, self.config.volume_psnr_chunk)
+            error = volume_squared_error(at_time, volume, self.aabb.device, self.config.volume_psnr_chunk, part, parts)
+            if parts > 1:
+                error = tuple(distributed.all_reduce_sum(torch.tensor(error, dtype=torch.float64)).tolist())
+            result[step] = psnr_of(*error)
         return result
 
     def count_parameters(self) -> int:
@@ -120,12 +132,28 @@ def volume_psnr(value_at_unit: Callable[[torch.Tensor], torch.Tensor], volume: V
     `value_at_unit` maps points in the unit cube (N, 3) to values (N,); predictions are clamped to [0, 1].
     The volume is read in z-slabs through its memmap, so this works for volumes larger than memory.
     """
+    return psnr_of(*volume_squared_error(value_at_unit, volume, device, chunk))
+
+
+def psnr_of(squared_error: float, count: float) -> float:
+    """PSNR (dB, data range 1) of a sum of squared errors over `count` values."""
+    mse = squared_error / count
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def volume_squared_error(value_at_unit: Callable[[torch.Tensor], torch.Tensor], volume: Volume,
+                         device: torch.device | str = "cpu", chunk: int = 1 << 18, part: int = 0,
+                         parts: int = 1) -> Tuple[float, int]:
+    """(sum of squared errors, voxels) of a field over part `part` of `parts` of the volume's z-slabs (see
+    `volume_psnr`; the parts of a data-parallel evaluation add up to the whole)."""
     size_x, size_y, size_z = volume.info.dims
     slab = max(1, chunk // (size_x * size_y))
     axes = [torch.linspace(0.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in (size_x, size_y)]
     grid_y, grid_x = torch.meshgrid(axes[1], axes[0], indexing="ij")
     squared_error, count = 0.0, 0
-    for z0 in range(0, size_z, slab):
+    for index in distributed.share(-(-size_z // slab), part, parts):
+        z0 = index * slab
         z1 = min(size_z, z0 + slab)
         target = torch.from_numpy(volume.normalized_slab(z0, z1)).to(device).float()
         unit_z = torch.arange(z0, z1, device=device, dtype=torch.float32) / max(size_z - 1, 1)
@@ -136,5 +164,4 @@ def volume_psnr(value_at_unit: Callable[[torch.Tensor], torch.Tensor], volume: V
         predicted = value_at_unit(unit).reshape(target.shape)
         squared_error += float((predicted.clamp(0, 1) - target).double().square().sum())
         count += target.numel()
-    mse = squared_error / count
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return squared_error, count

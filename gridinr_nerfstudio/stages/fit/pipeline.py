@@ -1,4 +1,5 @@
-"""Stage 1 pipeline: point batches for training; image metrics, volume PSNR and speed for evaluation."""
+"""Stage 1 pipeline: point batches for training (through DDP when distributed); image metrics, volume PSNR and speed
+for evaluation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Type
 import torch
 
 from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
-from gridinr_nerfstudio.stages.fit.datamanager import FitDataManagerConfig
+from gridinr_nerfstudio.stages.fit.datamanager import FitDataManager, FitDataManagerConfig
 from gridinr_nerfstudio.stages.fit.model import FitModelConfig
 
 
@@ -26,27 +27,31 @@ class FitPipeline(StagePipeline):
     """Trains the field on point batches instead of rays."""
 
     config: FitPipelineConfig
+    datamanager: FitDataManager
 
     def get_train_loss_dict(self, step: int):
-        """nerfstudio's contract with points for rays: outputs, then `get_metrics_dict` and `get_loss_dict`."""
+        """nerfstudio's contract with points for rays: outputs, then `get_metrics_dict` and `get_loss_dict`.
+
+        The points go through `self._model`, the DDP wrapper when distributed, so gradients are averaged."""
         points, batch = self.datamanager.next_train(step)
-        outputs = self.model.get_point_outputs(points, batch.get("times"))
+        outputs = self._model(points, batch.get("times"))
         metrics_dict = self.model.get_metrics_dict(outputs, batch)
-        if getattr(self.datamanager, "learns_from_errors", False):  # error-weighted batches: where it is still wrong
+        if self.datamanager.learns_from_errors:  # error-weighted batches: where it is still wrong
             self.datamanager.report_errors(points, (outputs["value"].detach() - batch["values"]).square())
         return outputs, self.model.get_loss_dict(outputs, batch, metrics_dict), metrics_dict
 
     @torch.no_grad()
     def get_eval_loss_dict(self, step: int):
-        points, batch = self.datamanager.next_train(step)
+        """The loss on an evaluation batch (its own random stream: training batches do not depend on evaluation)."""
+        points, batch = self.datamanager.next_eval(step)
         outputs = self.model.get_point_outputs(points, batch.get("times"))
-        return {}, self.model.get_loss_dict(outputs, batch), {}
+        return {}, self.model.get_loss_dict(outputs, batch), self.model.get_metrics_dict(outputs, batch)
 
     def extra_eval_metrics(self) -> dict:
         """Volume PSNR and the sizes behind the compression ratio (raw volume in its dtype, field in fp32 / fp16)."""
         model = self.model
         params = model.count_parameters()
-        per_step = model.volume_psnr_per_step()
+        per_step = model.volume_psnr_per_step(split=True)  # every rank measures its share of the slabs
         sequence = {f"volume_psnr_t{step}": psnr for step, psnr in per_step.items()} if len(per_step) > 1 else {}
         return {
             "volume_psnr": sum(per_step.values()) / len(per_step),

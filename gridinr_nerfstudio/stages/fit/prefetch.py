@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -68,9 +68,18 @@ def _work(sampler, staging: Optional[_Staging], requests: queue.Queue, results: 
             results.put((None, None, error))
 
 
+def _stop(requests: queue.Queue, thread: threading.Thread) -> None:
+    """Ask the worker to stop and wait for it: a worker still inside torch while the interpreter exits aborts the
+    process ("terminate called without an active exception")."""
+    requests.put(_STOP)
+    if thread is not threading.current_thread():
+        thread.join(timeout=60)
+
+
 class PrefetchingSampler:
     """Wraps a point sampler (``VolumePointSampler`` on the CPU, ``SequencePointSampler`` of them) whose
-    ``batch(count, step)`` returns a tuple of CPU tensors; hands the same batches out on ``device``."""
+    ``batch(count, step)`` returns a tuple of CPU tensors and ``batch_key(step)`` says which steps draw alike;
+    hands the same batches out on ``device``."""
 
     def __init__(self, sampler, device: Union[torch.device, str] = "cpu", pin: Optional[bool] = None,
                  staging: Optional[bool] = None):
@@ -89,7 +98,7 @@ class PrefetchingSampler:
         self._thread = threading.Thread(target=_work, args=(sampler, self._staging, self._requests, self._results),
                                         name="gridinr-prefetch", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, self._requests.put, _STOP)
+        self._finalizer = weakref.finalize(self, _stop, self._requests, self._thread)
 
     @property
     def pin(self) -> bool:
@@ -120,8 +129,7 @@ class PrefetchingSampler:
             self.sampler.set_state(self._state)
 
     def _key(self, step: int):
-        batch_key: Callable[[int], object] | None = getattr(self.sampler, "batch_key", None)
-        return step if batch_key is None else batch_key(step)
+        return self.sampler.batch_key(step)
 
     def batch(self, count: int, step: int) -> Tuple[torch.Tensor, ...]:
         """The sampler's ``batch(count, step)``, on ``device``; the next one (``step + 1``) starts at once."""
@@ -163,6 +171,11 @@ class PrefetchingSampler:
         self.sampler.set_state(state)
         self._state = self.sampler.get_state()
 
+    def eval_batch(self, count: int) -> Tuple[torch.Tensor, ...]:
+        """The sampler's evaluation batch, on ``device``. Made in the caller's thread while the worker may be
+        making the next training batch: evaluation draws from its own generator and only reads the volume."""
+        return tuple(t.to(self.device) for t in self.sampler.eval_batch(count))
+
     def values_at(self, points: torch.Tensor) -> torch.Tensor:
         """The sampler's trilinear values at world points, on ``device`` (waits for the batch in flight: the
         sampler is not used from two threads)."""
@@ -180,6 +193,5 @@ class PrefetchingSampler:
             return
         self._discard()
         self._closed = True
-        self._finalizer()  # puts the stop request (once)
-        self._thread.join()
+        self._finalizer()  # stops the worker (once)
 

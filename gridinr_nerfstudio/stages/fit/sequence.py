@@ -1,4 +1,8 @@
-"""Training points of a sequence: every batch holds points of every selected step, each with its step's time."""
+"""Training points of a sequence: every batch holds points of every selected step, each with its step's time.
+
+With several ranks each step's sampler hands out this rank's rows of its global share (`BatchShard`), so the ranks
+split every step's points as they split a single volume's.
+"""
 
 from __future__ import annotations
 
@@ -23,13 +27,20 @@ class SequencePointSampler:
 
     def batch(self, count: int, step: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(points (count, 3), values (count,), times (count,)) on the samplers' device."""
+        return self._split(count, lambda sampler, share: sampler.batch(share, step))
+
+    def eval_batch(self, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An evaluation batch of every step (see `VolumePointSampler.eval_batch`)."""
+        return self._split(count, lambda sampler, share: sampler.eval_batch(share))
+
+    def _split(self, count: int, draw) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         steps = len(self.samplers)
         shares = [count // steps + (index < count % steps) for index in range(steps)]
         points, values, times = [], [], []
         for sampler, time, share in zip(self.samplers, self.times, shares):
             if share == 0:
                 continue
-            step_points, step_values = sampler.batch(share, step)
+            step_points, step_values = draw(sampler, share)
             points.append(step_points)
             values.append(step_values)
             times.append(torch.full((step_points.shape[0],), time, device=step_points.device))

@@ -36,7 +36,8 @@ class FeistelPermutation:
         if self.half_bits > 31:
             raise ValueError(f"FeistelPermutation supports n < 2^62, got {n}")
         self.mask = (1 << self.half_bits) - 1
-        self.keys = [int(k) for k in torch.randint(0, 1 << 31, (_ROUNDS,), generator=generator)]
+        device = generator.device if generator is not None else None  # draws from a CPU or a device generator
+        self.keys = [int(k) for k in torch.randint(0, 1 << 31, (_ROUNDS,), generator=generator, device=device)]
 
     def _feistel(self, x: torch.Tensor) -> torch.Tensor:
         left, right = x >> self.half_bits, x & self.mask
