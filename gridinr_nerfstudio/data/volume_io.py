@@ -148,7 +148,7 @@ class Volume:
         return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
     def _original_values(self, raw: np.ndarray) -> np.ndarray:
-        """Raw voxels -> float64 in original units (fill values as NaN), NaN/Inf replaced when nan_policy == "replace"."""
+        """Raw voxels -> float64 in original units (fill values as NaN); NaN/Inf replaced if nan_policy == "replace"."""
         raw = np.asarray(raw)
         values = raw.astype(np.float64) * self.value_scale + self.value_offset
         if self.fill_value is not None:

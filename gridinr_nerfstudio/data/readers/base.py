@@ -93,6 +93,8 @@ def choose_variable(path: Path, variables: list[str], requested: str | None, def
     if not variables:
         raise VolumeError(f"{path}: no array that can be read as a volume (3-D, or 4-D with time first)")
     if requested is not None:
+        if requested not in variables and requested.strip("/") in variables:  # HDF5/Zarr paths: "/group/name"
+            requested = requested.strip("/")
         if requested not in variables:
             raise VolumeError(f"{path}: no variable {requested!r} (available: {', '.join(variables)})")
         return requested

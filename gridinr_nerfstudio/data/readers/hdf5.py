@@ -113,8 +113,8 @@ def _offset(dataset) -> int | None:
 def read_hdf5_info(path: Path, variable: str | None = None) -> VolumeInfo:
     with _open_file(path) as handle:
         variables, others = _scan(handle)
-        requested = variable.lstrip("/") if variable is not None else None
-        chosen = choose_variable(path, variables, requested, None)
+        # described: the one asked for, else the first; opening one of several needs a choice (default None)
+        chosen = choose_variable(path, variables, variable, variables[0] if variables else None)
         dataset = handle[chosen]
         what = f"variable {chosen!r}"
         dtype = array_meta.check_volume(dataset.shape, dataset.dtype, path, what)
@@ -129,7 +129,8 @@ def read_hdf5_info(path: Path, variable: str | None = None) -> VolumeInfo:
                                             f"units {units}" if units else "", note) if p)
         return VolumeInfo(path=path, name=path.stem, dims=dims, dtype=dtype, spacing=spacing, variables=variables,
                           total_samples=steps, description=description, format="netcdf" if netcdf else "hdf5",
-                          origin=origin, storage=_storage(dataset), other_arrays=others, default_variable=None,
+                          origin=origin, storage=_storage(dataset), other_arrays=others,
+                          default_variable=variables[0] if len(variables) == 1 else None,
                           variable=chosen)
 
 

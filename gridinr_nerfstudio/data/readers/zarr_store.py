@@ -87,8 +87,8 @@ def read_zarr_info(path: Path, variable: str | None = None) -> VolumeInfo:
         for name, array in arrays.items():
             reason = array_meta.volume_reason(array.shape, array.dtype)
             (variables if reason is None else others).append(name if reason is None else f"{name} ({reason})")
-        requested = variable.strip("/") if variable is not None else None
-        chosen = choose_variable(path, variables, requested, None)
+        # described: the one asked for, else the first; opening one of several needs a choice (default None)
+        chosen = choose_variable(path, variables, variable, variables[0] if variables else None)
         array, what = arrays[chosen], f"variable {chosen!r}"
         dtype = array_meta.check_volume(array.shape, array.dtype, path, what)
         dims, steps = array_meta.dims_and_steps(array.shape)
@@ -100,7 +100,8 @@ def read_zarr_info(path: Path, variable: str | None = None) -> VolumeInfo:
                                             note) if p)
         return VolumeInfo(path=path, name=path.stem, dims=dims, dtype=dtype, spacing=spacing, variables=variables,
                           total_samples=steps, description=description, format="zarr", origin=origin,
-                          storage=_storage(array), other_arrays=array_meta.listed(others), default_variable=None,
+                          storage=_storage(array), other_arrays=array_meta.listed(others),
+                          default_variable=variables[0] if len(variables) == 1 else None,
                           variable=chosen)
     except _ERRORS as error:
         raise VolumeError(f"{path}: damaged Zarr store: {one_line(error)}") from None
