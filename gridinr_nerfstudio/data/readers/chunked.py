@@ -29,13 +29,13 @@ class ChunkedArray:
     ndim = 3
 
     def __init__(self, shape: Sequence[int], dtype: np.dtype, chunks: Sequence[int], read_box: ChunkReader,
-                 cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
+                 cache_bytes: int | None = None) -> None:
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self.chunks = tuple(max(1, min(int(c), n)) for c, n in zip(chunks, self.shape))
         self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))  # chunks per axis
         self.read_box = read_box
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = int(CHUNK_CACHE_BYTES if cache_bytes is None else cache_bytes)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached = 0
         self._lock = threading.Lock()  # the prefetching sampler reads from a second thread
