@@ -44,7 +44,8 @@ def _arrays(root) -> dict[str, object]:
 
     if isinstance(root, zarr.Array):
         return {SINGLE_FILE_VARIABLE: root}
-    return {name: item for name, item in root.members(max_depth=None) if isinstance(item, zarr.Array)}
+    found = {name: item for name, item in root.members(max_depth=None) if isinstance(item, zarr.Array)}
+    return dict(sorted(found.items()))  # zarr lists members in no fixed order
 
 
 def _dimension_names(array) -> list[str] | None:
