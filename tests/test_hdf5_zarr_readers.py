@@ -216,3 +216,16 @@ def test_large_chunked_hdf5_and_zarr_under_a_memory_limit(tmp_path: Path):
     for name in ("big.h5", "big.zarr"):
         copy = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
         assert copy.shape == (side,) * 3 and copy[5, 4, 3] == 7.5 and float(copy[:8].sum()) == 7.5
+
+
+def test_memory_bench_volumes_hold_the_same_voxels_in_every_container(tmp_path: Path):
+    """gridinr-bench memory's HDF5 and Zarr volumes equal its raw one (read independently with numpy)."""
+    from gridinr_nerfstudio.scripts.bench.memory import write_chunked_volume, write_sparse_volume
+
+    side = 40
+    raw = np.fromfile(write_sparse_volume(tmp_path, side), dtype=np.uint8).reshape(side, side, side)
+    assert raw.max() > 100 and raw[0].max() == 0  # the ball in the middle, zeros around it
+    for container in ("hdf5", "zarr"):
+        volume = open_volume(write_chunked_volume(tmp_path, side, container))
+        assert isinstance(volume.data, ChunkedArray)
+        np.testing.assert_array_equal(np.asarray(volume.data), raw)
