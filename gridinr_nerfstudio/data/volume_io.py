@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_CHUNK_VOXELS = 1 << 23  # voxels per z-slab in chunked passes (64 MiB as float64)
+SAMPLE_BLOCK_POINTS = 1 << 16  # points per gather of `sample_normalized` (8 neighbours each, one read)
 NanPolicy = Literal["error", "replace"]
 
 _FORMATS_HELP = ("a dataset folder or its dataset.json, name_XxYxZ_dtype.raw, .npy, .nrrd/.nhdr, .nii/.nii.gz, "
@@ -101,6 +102,9 @@ class Volume:
         coords = np.asarray(voxel_xyz, dtype=np.float64).reshape(-1, 3)
         if not np.isfinite(coords).all():
             raise ValueError("voxel coordinates must be finite")
+        if len(coords) > SAMPLE_BLOCK_POINTS:  # bounded temporaries for any number of points
+            return np.concatenate([self.sample_normalized(coords[i : i + SAMPLE_BLOCK_POINTS])
+                                   for i in range(0, len(coords), SAMPLE_BLOCK_POINTS)])
         upper = np.asarray(self.info.dims, dtype=np.int64) - 1
         coords = np.clip(coords, 0.0, upper)
         low = np.minimum(np.floor(coords).astype(np.int64), np.maximum(upper - 1, 0))
