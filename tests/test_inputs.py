@@ -79,6 +79,37 @@ def test_fit_rejects_what_info_rejects(tmp_path: Path, capsys) -> None:
         assert not output.exists() and not (tmp_path / "references").exists()
 
 
+def test_fit_rejects_damaged_containers_as_info_does(tmp_path: Path, capsys) -> None:
+    """VTK, HDF5 and Zarr inputs that cannot be read (damaged, no such variable, several and none chosen): the same
+    one line from ns-train as from gridinr-data info/convert, and nothing written."""
+    import h5py
+
+    truncated = tmp_path / "cut.vti"
+    fixture = (REPO / "tests" / "fixtures" / "vtk" / "appended_raw.vti").read_bytes()
+    truncated.write_bytes(fixture[: fixture.index(b"<AppendedData") + 60])
+    (tmp_path / "junk.h5").write_bytes(b"\x89HDF\r\n" * 20)
+    with h5py.File(tmp_path / "two.h5", "w") as handle:
+        for name in ("a", "b"):
+            handle.create_dataset(f"group/{name}", data=np.random.default_rng(0).uniform(size=(4, 5, 6)))
+    (tmp_path / "empty.zarr").mkdir()
+    cases = [  # (data, variable, problem, gridinr-data command)
+        (truncated, None, "the file ends before the array", "info"),
+        (tmp_path / "junk.h5", None, "not an HDF5 file", "info"),
+        (tmp_path / "two.h5", "group/c", "no variable 'group/c' (available: group/a, group/b)", "info"),
+        (tmp_path / "two.h5", None, "2 volumes in the file (group/a, group/b): choose one", "convert"),
+        (tmp_path / "empty.zarr", None, "without Zarr metadata", "info"),
+    ]
+    for path, variable, problem, command in cases:
+        args = [command, str(path)] + ([str(tmp_path / "out.npy")] if command == "convert" else [])
+        assert data_cli.main(args + (["--variable", variable] if variable else [])) == 1
+        info_error = capsys.readouterr().err.strip().splitlines()
+        assert len(info_error) == 1 and problem in info_error[0], info_error
+        message, output = run_fit(tmp_path, path, **({"variable": variable} if variable else {}))
+        assert_one_line(message, str(path), problem)
+        assert message.split(": error: ")[1] == info_error[0].split(": error: ")[1]
+        assert not output.exists() and not (tmp_path / "references").exists() and not (tmp_path / "out.npy").exists()
+
+
 @pytest.mark.parametrize("option, value, words", [
     ("batch_size", -1, "--pipeline.datamanager.batch-size must be at least 0 (0: the device's default), got -1"),
     ("image_size", 0, "--pipeline.datamanager.dataparser.image-size must be at least 1"),

@@ -191,7 +191,7 @@ def test_sampling_reads_only_neighbours(tmp_path):
     volume.data = recording(volume.data)
     points = np.random.default_rng(6).uniform(0, 9, (16, 3))
     volume.sample_normalized(points)
-    assert volume.data.reads == [16] * 8  # 8 gathers of one voxel per point, never the whole array
+    assert volume.data.reads == [16 * 8]  # one gather of the 8 neighbours of each point, never the whole array
 
 
 def test_bigger_than_memory_limit(tmp_path):

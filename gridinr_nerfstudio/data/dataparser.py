@@ -104,7 +104,10 @@ class VolumeDataParser(DataParser):
     def _selected_steps(self) -> list[int]:
         if self.config.timesteps is None:
             return [self.config.timestep]
-        total = 1 if is_builtin(self.config.data) else read_info(self.config.data).total_samples
+        if is_builtin(self.config.data):
+            total = 1
+        else:  # HDF5/NetCDF/Zarr variables have their own time steps
+            total = read_info(self.config.data, self.config.variable).total_samples
         return parse_timesteps(self.config.timesteps, self.config.timestep, total, self.config.data)
 
     @property
