@@ -217,10 +217,10 @@ def render_fused(
     offsets = torch.empty(0, dtype=dtype)
     if stratified:  # the torch path's draw, so a seeded generator gives the same positions on both paths
         offsets = torch.rand((num_rays, num_samples), dtype=dtype, device=origins.device, generator=generator)
-    occupied, cell_box = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.float64)
+    occupied, cell_box = [], torch.empty(0, dtype=torch.float64)
     if occupancy_grid is not None:
-        occupied = occupancy_grid.occupied.to(torch.uint8).contiguous()
-        cell_box = occupancy_grid.aabb.detach().to(torch.float64).reshape(-1).contiguous()
+        occupied = occupancy_grid.leap_levels()
+        cell_box = occupancy_grid.aabb.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
     march = {
         "origins": origins.detach().contiguous(), "directions": directions.detach().contiguous(),
         "box": aabb.detach().to(torch.float64).reshape(-1).contiguous(), "source": grid_source(sample_fn.field),

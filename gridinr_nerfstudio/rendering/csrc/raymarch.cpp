@@ -14,8 +14,9 @@
 // g_c their incoming gradients, G_k = sum_c g_c c_kc the gradient-weighted "colour" of sample k and P_k the prefix
 // sum of w_i G_i up to and including k, front-to-back compositing gives
 //   dL/dsigma_k = step * (T_{k+1} G_k - (sum_c g_c O_c - P_k)),   dL/drgb_k = w_k g_rgb (through the shading clamp)
-// and both are spread onto the two table entries around the sample's value with the interpolation weights. Each
-// thread adds into its own copy of the table gradient (no atomics); the copies are summed at the end.
+// and both are spread onto the two table entries around the sample's value with the interpolation weights. Rays
+// are split into kGradientGroups groups handed out dynamically, each adding into its own copy of the table
+// gradient (no atomics); the copies are summed in group order, so the gradient is deterministic.
 //
 // Rays are handed out in packets of kPacket with OpenMP's dynamic schedule, so a thread that loses its core
 // (another process on a shared machine) delays only the packets it holds, not a fixed share of the frame.
@@ -27,7 +28,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -40,6 +40,7 @@ namespace {
 
 constexpr int64_t kPacket = 16;  // rays per dynamically scheduled work item
 constexpr int kMaxChannels = 8;  // r, g, b, 1, t, nx, ny, nz
+constexpr int64_t kGradientGroups = 64;  // backward work items, each with its own table gradient
 // A leap over an empty macrocell stops this many bins before the cell's exit (rounding margin).
 constexpr double kLeapMargin = 1e-3;
 
@@ -49,13 +50,16 @@ inline scalar_t clamp01(scalar_t v) {  // NaN passes through (both comparisons a
 }
 
 // Normalised values of a (Z, Y, X) voxel array of any layout: value = clamp(raw * scale + offset, 0, 1) per voxel,
-// non-finite raw values replaced when `replace` is set (a volume's nan_policy "replace").
+// non-finite raw values replaced when `replace` is set (a volume's nan_policy "replace"). Points are given in
+// lattice coordinates u (continuous voxel index, x, y, z): u = p * to_lattice + (n - 1) / 2 for a world point p,
+// DenseGridField's mapping (grid_sample with align_corners=True) without a division per sample.
 template <typename voxel_t, typename scalar_t>
 struct Grid {
   const voxel_t* data;
   int64_t size[3];    // x, y, z
   int64_t stride[3];  // elements, x, y, z
-  scalar_t half[3];
+  scalar_t top[3];    // size - 1
+  scalar_t to_lattice[3], centre[3];
   scalar_t scale, offset, replacement;
   bool affine, replace;
 
@@ -68,22 +72,16 @@ struct Grid {
     return clamp01(static_cast<scalar_t>(raw) * scale + offset);
   }
 
-  // Lattice cell and fractions of a world point as DenseGridField (grid_sample, align_corners=True, border);
-  // false outside the box (value 0 there).
-  inline bool locate(const scalar_t* p, int64_t* cell, scalar_t* f) const {
+  // Trilinear value at lattice coordinates u, clamped to [0, 1]; 0 outside the box (DenseGridField). A NaN value
+  // (undecoded lattice points of a brick cache) passes through and its cell goes to `nan_cell`.
+  inline scalar_t value(const scalar_t* u, int64_t* nan_cell) const {
+    int64_t cell[3];
+    scalar_t f[3];
     for (int a = 0; a < 3; ++a) {
-      const scalar_t g = p[a] / half[a];
-      if (!(std::abs(g) <= scalar_t(1))) return false;
-      const scalar_t top = static_cast<scalar_t>(size[a] - 1);
-      const scalar_t u = std::min(std::max((g + scalar_t(1)) * scalar_t(0.5) * top, scalar_t(0)), top);
-      cell[a] = std::min(static_cast<int64_t>(u), size[a] - 2);
-      f[a] = u - static_cast<scalar_t>(cell[a]);
+      if (!(u[a] >= scalar_t(0) && u[a] <= top[a])) return scalar_t(0);
+      cell[a] = std::min(static_cast<int64_t>(u[a]), size[a] - 2);
+      f[a] = u[a] - static_cast<scalar_t>(cell[a]);
     }
-    return true;
-  }
-
-  // Trilinear value in a cell, clamped to [0, 1] (NaN of undecoded lattice points passes through).
-  inline scalar_t interpolate(const int64_t* cell, const scalar_t* f) const {
     const int64_t base = cell[0] * stride[0] + cell[1] * stride[1] + cell[2] * stride[2];
     const int64_t sx = stride[0], sy = stride[1], sz = stride[2];
     const scalar_t c00 = voxel(base) + f[0] * (voxel(base + sx) - voxel(base));
@@ -92,50 +90,53 @@ struct Grid {
     const scalar_t c11 = voxel(base + sz + sy) + f[0] * (voxel(base + sz + sy + sx) - voxel(base + sz + sy));
     const scalar_t c0 = c00 + f[1] * (c10 - c00);
     const scalar_t c1 = c01 + f[1] * (c11 - c01);
-    return clamp01(c0 + f[2] * (c1 - c0));
-  }
-
-  // Value at a world point; a NaN value's cell goes to `nan_cell`.
-  inline scalar_t value(const scalar_t* p, int64_t* nan_cell) const {
-    int64_t cell[3];
-    scalar_t f[3];
-    if (!locate(p, cell, f)) return scalar_t(0);
-    const scalar_t v = interpolate(cell, f);
+    const scalar_t v = clamp01(c0 + f[2] * (c1 - c0));
     if (std::isnan(v))
       for (int a = 0; a < 3; ++a) nan_cell[a] = cell[a];
     return v;
   }
 };
 
-// Macrocells (Z, Y, X) over a box: 0 = transparent for the current transfer function. Points outside count as
-// occupied, as in OccupancyGrid.is_occupied.
-template <typename scalar_t>
-struct Cells {
-  const uint8_t* occupied = nullptr;
-  int64_t count[3];
-  scalar_t low[3], high[3], per_unit[3];
+// Macrocells (Z, Y, X) over a box, 0 = transparent for the current transfer function, and coarser levels of the
+// same (level k: blocks of 4^k cells, 0 when all their cells are), for leaps over large empty regions. Points
+// outside the box count as occupied, as in OccupancyGrid.is_occupied. Positions are in cell coordinates
+// c = (p - low) * count / (high - low).
+constexpr int kBlockBits = 2;  // blocks of 4 cells per axis per level
+constexpr int64_t kBlock = int64_t{1} << kBlockBits;
+constexpr int kMaxLevels = 6;
 
-  inline bool locate(const scalar_t* p, int64_t* cell) const {
+struct Cells {
+  const uint8_t* occupied[kMaxLevels] = {};
+  int64_t count[kMaxLevels][3];
+  int levels = 0;
+  double low[3], per_unit[3];
+
+  // Cell (level 0) holding cell coordinates c; false outside the grid.
+  template <typename scalar_t>
+  inline bool locate(const scalar_t* c, int64_t* cell) const {
     for (int a = 0; a < 3; ++a) {
-      const scalar_t c = std::floor((p[a] - low[a]) * per_unit[a]);
-      if (!(c >= scalar_t(0) && c < static_cast<scalar_t>(count[a]))) return false;
-      cell[a] = static_cast<int64_t>(c);
+      if (!(c[a] >= scalar_t(0) && c[a] < static_cast<scalar_t>(count[0][a]))) return false;
+      cell[a] = static_cast<int64_t>(c[a]);
     }
     return true;
   }
-  inline bool transparent(const int64_t* cell) const {
-    return occupied[(cell[2] * count[1] + cell[1]) * count[0] + cell[0]] == 0;
+  inline bool transparent(int level, const int64_t* block) const {
+    const int64_t* n = count[level];
+    return occupied[level][(block[2] * n[1] + block[1]) * n[0] + block[0]] == 0;
   }
-  // Ray parameter where the ray (o, d) leaves `cell`.
-  inline scalar_t exit(const scalar_t* o, const scalar_t* d, const int64_t* cell) const {
-    scalar_t t = std::numeric_limits<scalar_t>::infinity();
-    for (int a = 0; a < 3; ++a) {
-      if (d[a] == scalar_t(0)) continue;
-      const int64_t side = cell[a] + (d[a] > scalar_t(0) ? 1 : 0);
-      const scalar_t plane = low[a] + (high[a] - low[a]) * static_cast<scalar_t>(side) / static_cast<scalar_t>(count[a]);
-      t = std::min(t, (plane - o[a]) / d[a]);
+  // The coarsest level whose block around transparent cell `cell` is transparent (a block is transparent only if
+  // the finer one inside it is): that block (in its level's units) and its size in cells.
+  inline int64_t empty_block(const int64_t* cell, int64_t* block) const {
+    int level = 0;
+    for (int a = 0; a < 3; ++a) block[a] = cell[a];
+    while (level + 1 < levels) {
+      int64_t coarse[3];
+      for (int a = 0; a < 3; ++a) coarse[a] = cell[a] >> (kBlockBits * (level + 1));
+      if (!transparent(level + 1, coarse)) break;
+      ++level;
+      for (int a = 0; a < 3; ++a) block[a] = coarse[a];
     }
-    return t;
+    return int64_t{1} << (kBlockBits * level);
   }
 };
 
@@ -148,7 +149,7 @@ struct Options {
   int64_t num_samples;
   const scalar_t* offsets;  // (R, N) stratified offsets in [0, 1) or nullptr (midpoints)
   scalar_t early_stop_eps;
-  scalar_t normal_eps;  // > 0: normals by central differences with this step
+  scalar_t normal_eps;  // > 0: normals by central differences with this step (world units)
   bool shading;
   bool suspend_on_nan;
   int64_t channels;  // 5 or 8
@@ -195,7 +196,7 @@ struct Sample {
 template <typename voxel_t, typename scalar_t>
 struct Marcher {
   const Grid<voxel_t, scalar_t>& grid;
-  const Cells<scalar_t>* cells;
+  const Cells* cells;
   const Options<scalar_t>& opt;
 
   // Where value v sits in the table, and its sigma.
@@ -208,9 +209,10 @@ struct Marcher {
     s.sigma = lo[3] + s.fraction * (lo[7] - lo[3]);
   }
 
-  // Colour channels of the looked-up sample at `p` (ray direction d, distance t): table rgb, normals, shading.
-  // False when a normal's lookup met an undecoded lattice value and the ray is to suspend (its cell in nan_cell).
-  inline bool colour(const scalar_t* p, const scalar_t* d, scalar_t t, Sample<scalar_t>& s, int64_t* nan_cell) const {
+  // Colour channels of the looked-up sample at lattice point u (ray direction d, distance t): table rgb, normals,
+  // shading. False when a normal's lookup met an undecoded lattice value and the ray is to suspend (its cell in
+  // nan_cell).
+  inline bool colour(const scalar_t* u, const scalar_t* d, scalar_t t, Sample<scalar_t>& s, int64_t* nan_cell) const {
     const scalar_t* lo = opt.table + 4 * s.entry;
     const scalar_t* hi = lo + 4;
     scalar_t rgb[3];
@@ -221,10 +223,11 @@ struct Marcher {
     if (opt.normal_eps > scalar_t(0) && s.sigma > scalar_t(0)) {
       scalar_t gradient[3], norm_sq = 0;
       for (int a = 0; a < 3; ++a) {
-        scalar_t q[3] = {p[0], p[1], p[2]};
-        q[a] = p[a] + opt.normal_eps;
+        scalar_t q[3] = {u[0], u[1], u[2]};
+        const scalar_t shift = opt.normal_eps * grid.to_lattice[a];
+        q[a] = u[a] + shift;
         scalar_t up = grid.value(q, nan_cell);
-        q[a] = p[a] - opt.normal_eps;
+        q[a] = u[a] - shift;
         scalar_t down = grid.value(q, nan_cell);
         if (std::isnan(up) || std::isnan(down)) {
           if (opt.suspend_on_nan) return false;
@@ -242,7 +245,8 @@ struct Marcher {
     if (opt.shading) {
       const Shading k;
       const scalar_t d_norm = std::max(std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]), scalar_t(1e-12));
-      scalar_t cosine = std::abs(normal[0] * (d[0] / d_norm) + normal[1] * (d[1] / d_norm) + normal[2] * (d[2] / d_norm));
+      const scalar_t cosine =
+          std::abs(normal[0] * (d[0] / d_norm) + normal[1] * (d[1] / d_norm) + normal[2] * (d[2] / d_norm));
       scalar_t highlight = cosine;
       for (int i = 0; i < 5; ++i) highlight *= highlight;  // cosine^32
       const scalar_t gain = scalar_t(k.ambient) + scalar_t(k.diffuse) * cosine;
@@ -260,9 +264,28 @@ struct Marcher {
     return true;
   }
 
-  // March ray (o, d) from sample `start` with transmittance `T`; `visit(sample, T_before, weight, T_after)` sees
-  // every evaluated sample (sigma may be 0). Returns the sample index where it suspended on a NaN value (the
-  // lattice cell of that value in nan_cell), else -1.
+  // The first sample index that may lie beyond the empty block around transparent cell `cell` (cell coordinates
+  // of the ray: c = c0 + t * dc): leaps stop short of the block's exit by the bin a sample may sit anywhere in.
+  inline int64_t leap(const int64_t* cell, const double* c0, const double* dc, const double* inv_dc, double t_near,
+                      double inv_dt, double leap_back, int64_t n) const {
+    int64_t block[3];
+    const int64_t size = cells->empty_block(cell, block);
+    double t_exit = std::numeric_limits<double>::infinity();
+    for (int a = 0; a < 3; ++a) {
+      if (dc[a] > 0) {
+        const double plane = static_cast<double>(std::min((block[a] + 1) * size, cells->count[0][a]));
+        t_exit = std::min(t_exit, (plane - c0[a]) * inv_dc[a]);
+      } else if (dc[a] < 0) {
+        t_exit = std::min(t_exit, (static_cast<double>(block[a] * size) - c0[a]) * inv_dc[a]);
+      }
+    }
+    const double bins = (t_exit - t_near) * inv_dt - leap_back;
+    return bins >= static_cast<double>(n) ? n : static_cast<int64_t>(std::ceil(bins));
+  }
+
+  // March ray (o, d) from sample `start` with transmittance `T`; `visit(sample, T_before, weight, T_after, step)`
+  // sees every evaluated sample (sigma may be 0 for visitors that ask for it). Returns the sample index where it
+  // suspended on a NaN value (the lattice cell of that value in nan_cell), else -1.
   template <class Visit>
   inline int64_t march(int64_t ray, const scalar_t* o, const scalar_t* d, int64_t start, scalar_t& T,
                        int64_t& evaluated, int64_t* nan_cell, Visit&& visit) const {
@@ -272,23 +295,33 @@ struct Marcher {
     const scalar_t dt = (t_far - t_near) / static_cast<scalar_t>(n);
     const scalar_t step = dt * std::sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
     const scalar_t* offsets = opt.offsets ? opt.offsets + ray * n : nullptr;
-    // A leap past an empty cell lands on the first bin that may reach beyond it: midpoints sit half a bin in,
-    // stratified samples anywhere in their bin.
+    scalar_t u0[3], du[3];  // lattice coordinates u = u0 + t * du
+    double c0[3], dc[3], inv_dc[3];  // cell coordinates c = c0 + t * dc
+    for (int a = 0; a < 3; ++a) {
+      u0[a] = o[a] * grid.to_lattice[a] + grid.centre[a];
+      du[a] = d[a] * grid.to_lattice[a];
+      if (cells != nullptr) {
+        c0[a] = (static_cast<double>(o[a]) - cells->low[a]) * cells->per_unit[a];
+        dc[a] = static_cast<double>(d[a]) * cells->per_unit[a];
+        inv_dc[a] = dc[a] != 0 ? 1.0 / dc[a] : 0.0;
+      }
+    }
+    // Midpoints sit half a bin in, stratified samples anywhere in their bin.
     const double leap_back = (offsets ? 1.0 : 0.5) + kLeapMargin;
+    const double inv_dt = 1.0 / static_cast<double>(dt);
     Sample<scalar_t> s;
     for (int64_t i = start; i < n;) {
       const scalar_t t = t_near + (static_cast<scalar_t>(i) + (offsets ? offsets[i] : scalar_t(0.5))) * dt;
-      const scalar_t p[3] = {o[0] + d[0] * t, o[1] + d[1] * t, o[2] + d[2] * t};
       if (cells != nullptr) {
+        const double c[3] = {c0[0] + t * dc[0], c0[1] + t * dc[1], c0[2] + t * dc[2]};
         int64_t cell[3];
-        if (cells->locate(p, cell) && cells->transparent(cell)) {
-          const double bins = static_cast<double>((cells->exit(o, d, cell) - t_near) / dt) - leap_back;
-          const int64_t next = bins > static_cast<double>(n) ? n : static_cast<int64_t>(std::ceil(bins));
-          i = std::max(i + 1, next);
+        if (cells->locate(c, cell) && cells->transparent(0, cell)) {
+          i = std::max(i + 1, leap(cell, c0, dc, inv_dc, static_cast<double>(t_near), inv_dt, leap_back, n));
           continue;
         }
       }
-      scalar_t v = grid.value(p, nan_cell);
+      const scalar_t u[3] = {u0[0] + t * du[0], u0[1] + t * du[1], u0[2] + t * du[2]};
+      scalar_t v = grid.value(u, nan_cell);
       ++evaluated;
       if (std::isnan(v)) {
         if (opt.suspend_on_nan) return i;
@@ -296,10 +329,10 @@ struct Marcher {
       }
       lookup(v, s);
       if (s.sigma != scalar_t(0) || std::decay_t<Visit>::kSeesTransparent) {
-        if (!colour(p, d, t, s, nan_cell)) return i;
-        const scalar_t optical_depth = s.sigma * step;
-        const scalar_t after = T * std::exp(-optical_depth);
-        const scalar_t weight = T * -std::expm1(-optical_depth);
+        if (!colour(u, d, t, s, nan_cell)) return i;
+        const scalar_t decay = std::expm1(-s.sigma * step);  // exp(-sigma step) - 1
+        const scalar_t after = T + T * decay;
+        const scalar_t weight = -T * decay;
         visit(s, T, weight, after, step);
         T = after;
         if (!(T > opt.early_stop_eps)) break;
@@ -356,10 +389,13 @@ Grid<voxel_t, scalar_t> make_grid(const torch::Tensor& volume, const torch::Tens
   Grid<voxel_t, scalar_t> grid;
   grid.data = volume.data_ptr<voxel_t>();
   for (int a = 0; a < 3; ++a) {
+    TORCH_CHECK(g[a] > 0, "raymarch: half sizes must be positive");
     grid.size[a] = volume.size(2 - a);
     grid.stride[a] = volume.stride(2 - a);
-    grid.half[a] = static_cast<scalar_t>(g[a]);
-    TORCH_CHECK(g[a] > 0, "raymarch: half sizes must be positive");
+    const double top = static_cast<double>(grid.size[a] - 1);
+    grid.top[a] = static_cast<scalar_t>(top);
+    grid.to_lattice[a] = static_cast<scalar_t>(0.5 * top / g[a]);
+    grid.centre[a] = static_cast<scalar_t>(0.5 * top);
   }
   grid.scale = static_cast<scalar_t>(g[3]);
   grid.offset = static_cast<scalar_t>(g[4]);
@@ -369,20 +405,30 @@ Grid<voxel_t, scalar_t> make_grid(const torch::Tensor& volume, const torch::Tens
   return grid;
 }
 
-template <typename scalar_t>
-bool make_cells(const torch::Tensor& occupied, const torch::Tensor& cell_box, Cells<scalar_t>& cells) {
-  if (occupied.numel() == 0) return false;
-  TORCH_CHECK(occupied.dim() == 3 && occupied.scalar_type() == torch::kUInt8 && occupied.is_contiguous(),
-              "raymarch: occupied must be a contiguous uint8 (Z, Y, X) tensor");
+// levels: the occupancy pyramid, finest first (uint8 (Z, Y, X), level k+1 the kBlock-times coarser any-occupied
+// reduction of level k); empty: no skipping.
+bool make_cells(const std::vector<torch::Tensor>& levels, const torch::Tensor& cell_box, Cells& cells) {
+  if (levels.empty()) return false;
+  TORCH_CHECK(static_cast<int>(levels.size()) <= kMaxLevels, "raymarch: at most ", kMaxLevels, " occupancy levels");
   TORCH_CHECK(cell_box.scalar_type() == torch::kFloat64 && cell_box.numel() == 6 && cell_box.is_contiguous(),
               "raymarch: cell_box must be float64 [low xyz, high xyz]");
+  cells.levels = static_cast<int>(levels.size());
+  for (int k = 0; k < cells.levels; ++k) {
+    const auto& level = levels[k];
+    TORCH_CHECK(level.dim() == 3 && level.scalar_type() == torch::kUInt8 && level.is_contiguous(),
+                "raymarch: occupancy levels must be contiguous uint8 (Z, Y, X) tensors");
+    for (int a = 0; a < 3; ++a) {
+      cells.count[k][a] = level.size(2 - a);
+      if (k > 0)
+        TORCH_CHECK(cells.count[k][a] == (cells.count[k - 1][a] + kBlock - 1) / kBlock,
+                    "raymarch: occupancy level ", k, " must be level ", k - 1, " reduced by ", kBlock);
+    }
+    cells.occupied[k] = level.data_ptr<uint8_t>();
+  }
   const double* b = cell_box.data_ptr<double>();
-  cells.occupied = occupied.data_ptr<uint8_t>();
   for (int a = 0; a < 3; ++a) {
-    cells.count[a] = occupied.size(2 - a);
-    cells.low[a] = static_cast<scalar_t>(b[a]);
-    cells.high[a] = static_cast<scalar_t>(b[3 + a]);
-    cells.per_unit[a] = static_cast<scalar_t>(static_cast<double>(cells.count[a]) / (b[3 + a] - b[a]));
+    cells.low[a] = b[a];
+    cells.per_unit[a] = static_cast<double>(cells.count[0][a]) / (b[3 + a] - b[a]);
   }
   return true;
 }
@@ -448,7 +494,7 @@ void dispatch_voxels(const torch::Tensor& volume, Fn&& fn) {
 template <typename scalar_t>
 std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Tensor& directions, const torch::Tensor& box,
                                   const torch::Tensor& volume, const torch::Tensor& grid_params, const torch::Tensor& table,
-                                  const torch::Tensor& occupied, const torch::Tensor& cell_box,
+                                  const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box,
                                   const torch::Tensor& offsets, int64_t num_samples, double early_stop_eps,
                                   double normal_eps, bool shading, bool suspend_on_nan, const torch::Tensor& rays,
                                   torch::Tensor& sums, torch::Tensor& transmittance, torch::Tensor& next_sample,
@@ -457,7 +503,7 @@ std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Ten
   std::vector<int64_t> totals(3, 0);
   const auto opt = make_options<scalar_t>(box, table, offsets, num_samples, early_stop_eps, normal_eps, shading,
                                           suspend_on_nan, sums.size(1), num_rays);
-  Cells<scalar_t> cells;
+  Cells cells;
   const bool skip = make_cells(occupied, cell_box, cells);
   const scalar_t* o = origins.data_ptr<scalar_t>();
   const scalar_t* d = directions.data_ptr<scalar_t>();
@@ -496,49 +542,47 @@ std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Ten
 template <typename scalar_t>
 void backward_impl(const torch::Tensor& origins, const torch::Tensor& directions, const torch::Tensor& box,
                    const torch::Tensor& volume, const torch::Tensor& grid_params, const torch::Tensor& table,
-                   const torch::Tensor& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
+                   const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
                    int64_t num_samples, double early_stop_eps, double normal_eps, bool shading,
                    const torch::Tensor& sums, const torch::Tensor& grad_sums, torch::Tensor& grad_table) {
   const int64_t num_rays = origins.size(0);
   const int64_t channels = sums.size(1);
   const auto opt = make_options<scalar_t>(box, table, offsets, num_samples, early_stop_eps, normal_eps, shading,
                                           false, channels, num_rays);
-  Cells<scalar_t> cells;
+  Cells cells;
   const bool skip = make_cells(occupied, cell_box, cells);
   const scalar_t* o = origins.data_ptr<scalar_t>();
   const scalar_t* d = directions.data_ptr<scalar_t>();
   const scalar_t* out = sums.data_ptr<scalar_t>();
   const scalar_t* grad = grad_sums.data_ptr<scalar_t>();
   const int64_t entries = 4 * table.size(0);
-  const int threads = std::max(1, at::get_num_threads());
-  std::vector<std::vector<scalar_t>> partial(threads);
-  const int64_t packets = (num_rays + kPacket - 1) / kPacket;
+  // Rays fall into a fixed number of consecutive groups, each with its own table gradient, summed in group order:
+  // the result does not depend on which thread took which group (a resumed run repeats its steps exactly).
+  const int64_t groups = std::min<int64_t>(kGradientGroups, std::max<int64_t>(1, (num_rays + kPacket - 1) / kPacket));
+  std::vector<std::vector<scalar_t>> partial(groups);
   dispatch_voxels(volume, [&](auto voxel_tag) {
     using voxel_t = decltype(voxel_tag);
     const auto grid = make_grid<voxel_t, scalar_t>(volume, grid_params);
     const Marcher<voxel_t, scalar_t> marcher{grid, skip ? &cells : nullptr, opt};
-#pragma omp parallel num_threads(threads)
-    {
-      const int id = omp_get_thread_num();
-      partial[id].assign(entries, scalar_t(0));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+    for (int64_t group = 0; group < groups; ++group) {
+      auto& table_grad = partial[group];
+      table_grad.assign(entries, scalar_t(0));
       int64_t evaluated = 0;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t packet = 0; packet < packets; ++packet) {
-        const int64_t end = std::min(num_rays, (packet + 1) * kPacket);
-        for (int64_t r = packet * kPacket; r < end; ++r) {
-          const scalar_t* g = grad + r * channels;
-          scalar_t total = 0;
-          bool any = false;
-          for (int64_t c = 0; c < channels; ++c) {
-            total += g[c] * out[r * channels + c];
-            any |= g[c] != scalar_t(0);
-          }
-          if (!any) continue;
-          TableGradient<scalar_t> accumulate{g, total, scalar_t(0), channels, partial[id].data()};
-          scalar_t T = 1;
-          int64_t nan_cell[3];
-          marcher.march(r, o + 3 * r, d + 3 * r, 0, T, evaluated, nan_cell, accumulate);
+      const int64_t end = num_rays * (group + 1) / groups;
+      for (int64_t r = num_rays * group / groups; r < end; ++r) {
+        const scalar_t* g = grad + r * channels;
+        scalar_t total = 0;
+        bool any = false;
+        for (int64_t c = 0; c < channels; ++c) {
+          total += g[c] * out[r * channels + c];
+          any |= g[c] != scalar_t(0);
         }
+        if (!any) continue;
+        TableGradient<scalar_t> accumulate{g, total, scalar_t(0), channels, table_grad.data()};
+        scalar_t T = 1;
+        int64_t nan_cell[3];
+        marcher.march(r, o + 3 * r, d + 3 * r, 0, T, evaluated, nan_cell, accumulate);
       }
     }
   });
@@ -556,7 +600,7 @@ void backward_impl(const torch::Tensor& origins, const torch::Tensor& directions
 // Returns int64 [rays hitting the box, samples evaluated, rays suspended].
 torch::Tensor forward(const torch::Tensor& origins, const torch::Tensor& directions, const torch::Tensor& box,
                       const torch::Tensor& volume, const torch::Tensor& grid_params, const torch::Tensor& table,
-                      const torch::Tensor& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
+                      const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
                       int64_t num_samples, double early_stop_eps, double normal_eps, bool shading,
                       bool suspend_on_nan, const torch::Tensor& rays, torch::Tensor sums, torch::Tensor transmittance,
                       torch::Tensor next_sample, torch::Tensor suspended_cells) {
@@ -593,7 +637,7 @@ torch::Tensor forward(const torch::Tensor& origins, const torch::Tensor& directi
 // dLoss/dtable (L, 4) for the forward sums `sums` (R, C) and their gradient `grad_sums` (R, C).
 torch::Tensor backward(const torch::Tensor& origins, const torch::Tensor& directions, const torch::Tensor& box,
                        const torch::Tensor& volume, const torch::Tensor& grid_params, const torch::Tensor& table,
-                       const torch::Tensor& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
+                       const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
                        int64_t num_samples, double early_stop_eps, double normal_eps, bool shading,
                        const torch::Tensor& sums, const torch::Tensor& grad_sums) {
   check_rays(origins, directions, table);
