@@ -44,6 +44,24 @@ constexpr int64_t kGradientGroups = 64;  // backward work items, each with its o
 // A leap over an empty macrocell stops this many bins before the cell's exit (rounding margin).
 constexpr double kLeapMargin = 1e-3;
 
+// exp(x) - 1 for the per-sample decay exp(-sigma step) - 1: a degree-9 Taylor polynomial for |x| <= 1/2 (relative
+// error below 1e-9, i.e. float rounding) and expf beyond, about twice as fast as libm's expm1f; float64 (gradient
+// checks) keeps std::expm1.
+inline float decay_of(float x) {
+  if (x < -0.5f || x > 0.5f) return std::exp(x) - 1.0f;
+  float p = 1.0f / 362880.0f;
+  p = p * x + 1.0f / 40320.0f;
+  p = p * x + 1.0f / 5040.0f;
+  p = p * x + 1.0f / 720.0f;
+  p = p * x + 1.0f / 120.0f;
+  p = p * x + 1.0f / 24.0f;
+  p = p * x + 1.0f / 6.0f;
+  p = p * x + 0.5f;
+  p = p * x + 1.0f;
+  return p * x;
+}
+inline double decay_of(double x) { return std::expm1(x); }
+
 template <typename scalar_t>
 inline scalar_t clamp01(scalar_t v) {  // NaN passes through (both comparisons are false)
   return v < scalar_t(0) ? scalar_t(0) : (v > scalar_t(1) ? scalar_t(1) : v);
@@ -330,7 +348,7 @@ struct Marcher {
       lookup(v, s);
       if (s.sigma != scalar_t(0) || std::decay_t<Visit>::kSeesTransparent) {
         if (!colour(u, d, t, s, nan_cell)) return i;
-        const scalar_t decay = std::expm1(-s.sigma * step);  // exp(-sigma step) - 1
+        const scalar_t decay = decay_of(-s.sigma * step);  // exp(-sigma step) - 1
         const scalar_t after = T + T * decay;
         const scalar_t weight = -T * decay;
         visit(s, T, weight, after, step);
