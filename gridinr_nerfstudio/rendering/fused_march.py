@@ -185,8 +185,9 @@ def _march_forward(table: torch.Tensor, m: dict) -> torch.Tensor:
             bricks is not None, rays, sums, transmittance, next_sample, cells,
         ).tolist()
         if stats is not None:
-            stats.rays_hit += counts[0]
-            stats.samples_total += counts[0] * m["num_samples"]
+            if rays.numel() == 0:  # the first round: resumed rays were counted then
+                stats.rays_hit += counts[0]
+                stats.samples_total += counts[0] * m["num_samples"]
             stats.samples_evaluated += counts[1]
         if counts[2] == 0:
             return sums
