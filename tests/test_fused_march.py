@@ -97,7 +97,7 @@ def test_early_termination_changes_colours_by_less_than_its_threshold():
     stats = RenderStats()
     early = render_rays(origins, directions, GridSamples(field, tf), torch.stack([-HALF, HALF]), num_samples=64,
                         early_stop_eps=eps, stats=stats)
-    assert (plain["accumulation"] > 1 - eps).float().mean() > 0.2  # the case is exercised
+    assert (plain["accumulation"] > 1 - eps).float().mean() > 0.1  # the case is exercised
     assert (early["rgb"] - plain["rgb"]).abs().max() <= eps + ROUNDING
     assert stats.samples_evaluated < 0.8 * stats.samples_total
 
