@@ -1,8 +1,9 @@
-"""Build the optional C++/OpenMP hash-grid kernels at install time.
+"""Build the optional C++/OpenMP kernels at install time: the hash grid and the fused ray marcher.
 
-Metadata lives in pyproject.toml. The extension needs torch in the build environment, so
-the Makefile installs with ``pip install --no-build-isolation``. If it cannot be built the
-package still works: ``hash_encoding`` falls back to its pure-PyTorch path.
+Metadata lives in pyproject.toml. The extensions need torch in the build environment, so
+the Makefile installs with ``pip install --no-build-isolation``. If one cannot be built the
+package still works: ``hash_encoding`` falls back to its pure-PyTorch path, and the renderer
+(``rendering/fused_march.py``) to the torch ray marcher (``rendering/raymarch.py``).
 """
 import os
 import subprocess
@@ -25,33 +26,43 @@ def _march_flags() -> list:
     return ["-march=native", "-mprefer-vector-width=512"]
 
 cmdclass = {}
-_src = os.path.join("gridinr_nerfstudio", "fields", "hash_grid", "csrc", "hash_grid.cpp")
-if os.path.exists(_src) and os.environ.get("GRIDINR_NO_EXT", "0") != "1":
+# (extension module, C++ source, what the package does without it)
+_EXTENSIONS = [
+    ("gridinr_nerfstudio.fields.hash_grid._hash_grid_cpp",
+     os.path.join("gridinr_nerfstudio", "fields", "hash_grid", "csrc", "hash_grid.cpp"), "the pure-PyTorch hash grid"),
+    ("gridinr_nerfstudio.rendering._raymarch_cpp",
+     os.path.join("gridinr_nerfstudio", "rendering", "csrc", "raymarch.cpp"), "the torch ray marcher"),
+]
+_FALLBACKS = {name: fallback for name, _, fallback in _EXTENSIONS}
+if os.environ.get("GRIDINR_NO_EXT", "0") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
 
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        ext_modules.append(
-            CppExtension(
-                name="gridinr_nerfstudio.fields.hash_grid._hash_grid_cpp",
-                sources=[_src],
-                # -fno-trapping-math / -fno-math-errno let GCC vectorise the float->int cell index loop and the
-                # sqrt of the Adam step; -ffp-contract=off keeps x * scale + shift rounded like the pure-PyTorch
-                # fallback (no FMA contraction).
-                extra_compile_args=[
-                    "-O3",
-                    *_march_flags(),
-                    "-fno-trapping-math",
-                    "-fno-math-errno",
-                    "-ffp-contract=off",
-                    *openmp,
-                ],
-                extra_link_args=openmp,
+        for _name, _src, _ in _EXTENSIONS:
+            if not os.path.exists(_src):
+                continue
+            ext_modules.append(
+                CppExtension(
+                    name=_name,
+                    sources=[_src],
+                    # -fno-trapping-math / -fno-math-errno let GCC vectorise the float->int cell index loop and the
+                    # sqrt of the Adam step; -ffp-contract=off keeps x * scale + shift rounded like the pure-PyTorch
+                    # fallback (no FMA contraction).
+                    extra_compile_args=[
+                        "-O3",
+                        *_march_flags(),
+                        "-fno-trapping-math",
+                        "-fno-math-errno",
+                        "-ffp-contract=off",
+                        *openmp,
+                    ],
+                    extra_link_args=openmp,
+                )
             )
-        )
 
         class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
-            """A failed compile (no compiler, no OpenMP) leaves the package on its pure-PyTorch path."""
+            """A failed compile (no compiler, no OpenMP) leaves the package on its torch paths."""
 
             def build_extension(self, ext):
                 try:
@@ -59,11 +70,11 @@ if os.path.exists(_src) and os.environ.get("GRIDINR_NO_EXT", "0") != "1":
                 except (
                     CCompilerError, ExecError, PlatformError, subprocess.CalledProcessError, OSError, RuntimeError
                 ) as error:
-                    print(f"gridinr-nerfstudio: could not build {ext.name} ({error}); using the pure-PyTorch hash grid")
+                    print(f"gridinr-nerfstudio: could not build {ext.name} ({error}); using {_FALLBACKS[ext.name]}")
                     self.extensions = [other for other in self.extensions if other is not ext]  # nothing to copy
 
         cmdclass["build_ext"] = OptionalBuildExtension
     except ImportError:  # torch absent in an isolated build: pure-PyTorch fallback
-        print("gridinr-nerfstudio: torch not importable at build time; skipping the C++ hash-grid kernels")
+        print("gridinr-nerfstudio: torch not importable at build time; skipping the C++ kernels")
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -190,6 +190,7 @@ def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSetti
     if _complete(folder, names):
         return [folder / name for name in names]
     from gridinr_nerfstudio.fields.memmap_grid import raw_voxel_field
+    from gridinr_nerfstudio.rendering.fused_march import GridSamples
     from gridinr_nerfstudio.rendering.images import render_camera, to_uint8
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +198,7 @@ def reference_renderings(volume: Volume, cameras: Cameras, settings: RenderSetti
     grid = raw_voxel_field(volume, dense_max_bytes)
     transfer_function = settings.transfer_function(voxel_size_world(volume))
     background = torch.tensor(settings.background, dtype=torch.float32)
-
-    def sample_fn(points: torch.Tensor):
-        return transfer_function(grid(points))
+    sample_fn = GridSamples(grid, transfer_function)  # the fused ray marcher on a CPU (render_rays dispatches)
 
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

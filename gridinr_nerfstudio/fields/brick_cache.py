@@ -110,6 +110,22 @@ class BrickFieldCache(nn.Module):
         return int(missing.numel())
 
     @torch.no_grad()
+    def decode_bricks_at_cells(self, cells: torch.Tensor) -> int:
+        """Decode the bricks holding lattice cells (M, 3) (x, y, z indices) that are not decoded yet; returns how
+        many (the fused ray marcher reports the cells where it met undecoded values)."""
+        if cells.shape[0] == 0:
+            return 0
+        brick = torch.div(cells.to(self.dims.device), self.brick_size, rounding_mode="floor")
+        brick = torch.minimum(brick.clamp_min(0), self.bricks - 1)
+        ids = (brick[:, 2] * self.bricks[1] + brick[:, 1]) * self.bricks[0] + brick[:, 0]
+        wanted = torch.zeros_like(self.decoded).view(-1)
+        wanted[ids] = True
+        missing = (wanted & ~self.decoded.view(-1)).nonzero().squeeze(-1)
+        if missing.numel():
+            self.decode_bricks(missing)
+        return int(missing.numel())
+
+    @torch.no_grad()
     def decode_bricks(self, ids: torch.Tensor) -> None:
         """Evaluate the field at every lattice point of bricks `ids` (flat indices) and store the values."""
         bricks_x, bricks_y = int(self.bricks[0]), int(self.bricks[1])

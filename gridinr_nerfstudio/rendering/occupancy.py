@@ -51,6 +51,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("occupied", torch.ones_like(min_values, dtype=torch.bool))
         self.register_buffer("_lookup", self._padded_lookup(), persistent=False)
         self._occupied_share: float | None = None
+        self._leap_levels: list[torch.Tensor] | None = None
 
     @classmethod
     def from_volume(
@@ -121,7 +122,20 @@ class OccupancyGrid(nn.Module):
         self.occupied = transfer_function.visible_in_range(self.min_values, self.max_values)
         self._lookup = self._padded_lookup()
         self._occupied_share = None
+        self._leap_levels = None
         return self
+
+    @torch.no_grad()
+    def leap_levels(self, block: int = 4, max_levels: int = 4) -> list[torch.Tensor]:
+        """The occupancy as a pyramid for the fused ray marcher's leaps, finest first: uint8 (Z, Y, X) CPU tensors,
+        level k+1 marking blocks of `block`^3 level-k cells of which any is occupied (computed once per `update`)."""
+        if self._leap_levels is None:
+            levels = [self.occupied.to(device="cpu", dtype=torch.uint8).contiguous()]
+            while len(levels) < max_levels and max(levels[-1].shape) > 1:
+                coarse = F.max_pool3d(levels[-1][None, None].float(), block, ceil_mode=True)[0, 0]
+                levels.append(coarse.to(torch.uint8).contiguous())
+            self._leap_levels = levels
+        return self._leap_levels
 
     def _padded_lookup(self) -> torch.Tensor:
         """Occupancy as a float texture (1, 1, Z+2, Y+2, X+2) framed by occupied cells that catch points outside."""

@@ -35,7 +35,9 @@ class RenderStats:
     samples_total: int = 0
     """Samples the plain renderer evaluates: rays hitting the box times samples per ray."""
     samples_evaluated: int = 0
-    """Points actually passed to sample_fn."""
+    """Points actually passed to sample_fn (fused path: trilinear lookups of the grid)."""
+    fused_rays: int = 0
+    """Rays rendered by the fused kernel (`rendering/fused_march.py`) rather than the torch path."""
 
 
 def intersect_aabb(
@@ -148,6 +150,7 @@ def render_rays(
     shading: bool = False,
     stats: RenderStats | None = None,
     dense_chunk_share: float = 0.9,
+    fused: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Emission-absorption rendering of rays (R, 3) through `aabb` (2, 3) with `num_samples` samples per ray.
 
@@ -162,7 +165,20 @@ def render_rays(
     consulted at all (transparent cells then get the sigma the transfer function gives them, 0 for the values the
     cell bounds allow): gathering occupied samples and scattering their results back, or even looking up their
     cells, then costs more than evaluating the few transparent samples.
+
+    With `fused` (default) a `GridSamples` sample function (a grid field read through a transfer table, optionally
+    with `GridNormals`) on CPU tensors is rendered by the fused C++ kernel instead (`rendering/fused_march.py`):
+    the same outputs, differentiable w.r.t. the table; `chunk_samples` and `dense_chunk_share` do not apply there,
+    and it always skips transparent macrocells (exact: sigma is 0 in them). Everything else takes this torch path.
     """
+    from gridinr_nerfstudio.rendering import fused_march  # here: fused_march builds on this module
+
+    if fused and fused_march.fused_applies(origins, sample_fn, normal_fn, shading):
+        return fused_march.render_fused(
+            origins, directions, sample_fn, aabb, num_samples=num_samples, stratified=stratified, generator=generator,
+            background=background, occupancy_grid=occupancy_grid, early_stop_eps=early_stop_eps, normal_fn=normal_fn,
+            shading=shading, stats=stats,
+        )
     if occupancy_grid is not None and occupancy_grid.occupied_fraction() >= dense_chunk_share:
         occupancy_grid = None
     if shading and normal_fn is None:

@@ -29,6 +29,7 @@ from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
 from gridinr_nerfstudio.helper_modules import HelperModules
+from gridinr_nerfstudio.rendering.fused_march import GridNormals, GridSamples
 from gridinr_nerfstudio.rendering.images import render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import SampleFn, ValueFn, estimate_normals, render_rays
@@ -224,8 +225,12 @@ class StageModel(Model):
         return cache.volume if isinstance(cache, DenseGridField) else None
 
     def sample_fn(self) -> SampleFn:
-        """World points (M, 3) -> (rgb (M, 3), sigma (M,))."""
-        values_at, color = self.value_fn(), self.color_fn()
+        """World points (M, 3) -> (rgb (M, 3), sigma (M,)); over the field cache a `GridSamples`, which
+        `render_rays` hands to the fused ray marcher (rendering/fused_march.py)."""
+        cache, color = self.cached_field(), self.color_fn()
+        if cache is not None:
+            return GridSamples(cache, color)
+        values_at = self.value_fn()
         return lambda points: color(values_at(points))
 
     @torch.no_grad()
@@ -257,8 +262,12 @@ class StageModel(Model):
             "shading": settings.shading,
         }
         if settings.shading or self.config.compute_normals:
-            values_at, eps = self.value_fn(), 0.5 * voxel_size_world(self.volume)
-            kwargs["normal_fn"] = lambda points: estimate_normals(values_at, points, eps)
+            cache, eps = self.cached_field(), 0.5 * voxel_size_world(self.volume)
+            if cache is not None:
+                kwargs["normal_fn"] = GridNormals(cache, eps)
+            else:
+                values_at = self.value_fn()
+                kwargs["normal_fn"] = lambda points: estimate_normals(values_at, points, eps)
         if accelerate:
             kwargs["occupancy_grid"] = self.occupancy(self.color_fn())
         else:

@@ -122,6 +122,11 @@ class TransferFunction(nn.Module):
         )
         return sampled[:3].t().reshape(*shape, 3), sampled[3].reshape(shape)
 
+    def lookup_table(self) -> torch.Tensor:
+        """The table (TABLE_SIZE, 4) of (r, g, b, sigma) at evenly spaced values in [0, 1] that `forward`
+        interpolates linearly (what the fused ray marcher reads; see rendering/fused_march.py)."""
+        return self.table[0, :, 0, :].t()
+
     def visible_in_range(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """Whether the opacity is > 0 anywhere in each value interval [low, high] (exact for the table)."""
         return visible_in_range(self.positive_opacity_count, low, high)

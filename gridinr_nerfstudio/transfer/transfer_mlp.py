@@ -80,6 +80,10 @@ class TransferTable:
     def __call__(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.mlp.lookup(self.table, values)
 
+    def lookup_table(self) -> torch.Tensor:
+        """The (lut_size, 4) table itself, with its autograd history (the fused ray marcher differentiates it)."""
+        return self.table
+
     def visible_in_range(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """Whether any table entry bracketing [low, high] is visible."""
         return visible_in_range(self.visible_count, low, high)

@@ -11,7 +11,16 @@ Contenders, all with the run's transfer function and samples per ray, on the fir
   frame decodes most; ``first_frame_ms`` and ``decoded_share`` say how much);
 - ``field_cache``: the INR decoded once onto a grid at the volume's resolution (decode time reported
   separately), then rendered like the raw voxels;
-- ``raw_volume``: the reference renderer on the raw voxels (trilinear), as the reference images were made.
+- ``raw_volume``: the reference renderer on the raw voxels (trilinear), as the reference images were made;
+- ``raw_accelerated``: the same with empty-space skipping (exact: the macrocells are the raw voxels' bounds).
+
+Every contender over a grid (``field_bricks``, ``field_cache``, ``raw_*``) is rendered by the fused C++ ray marcher
+when it is built (``rendering/fused_march.py``); ``raw_volume_torch`` and ``field_cache_torch`` render the same on
+the torch ray marcher (the path before the fused kernel), side by side.
+``--against vtk`` adds VTK's CPU ray caster (``vtkFixedPointVolumeRayCastMapper``, same volume, cameras, image size,
+transfer function and thread count; ``scripts/bench/vtk_raycast.py`` says where its settings differ) when the
+``vtk`` package is installed, and ``raw_vtk_settings``: our raw-voxel renderer with at least VTK's sample density
+(steps of at most one voxel on every ray) and its early termination threshold.
 
 PSNR/SSIM of each rendering are against the run's reference images (the PNGs nerfstudio trains against).
 ``--device`` (auto: CUDA when available) loads the run there; frame times then come from CUDA events.
@@ -31,18 +40,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gridinr_nerfstudio.data.volume_io import voxel_size_world
 from gridinr_nerfstudio.eval.metrics import ImageMetrics
 from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available
 from gridinr_nerfstudio.fields.hash_grid.encoding import BACKENDS
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
+from gridinr_nerfstudio.rendering.fused_march import GridSamples, kernel_available
 from gridinr_nerfstudio.rendering.images import camera_rays, render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.runs import load_run_pipeline
 from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
 
-CONTENDERS = ("field", "field_accelerated", "field_bricks", "field_cache", "raw_volume")
+CONTENDERS = ("field", "field_accelerated", "field_bricks", "field_cache", "field_cache_torch", "raw_volume",
+              "raw_volume_torch", "raw_accelerated")
+VTK_EARLY_STOP = 0xFF / 0x7FFF
+"""vtkFixedPointVolumeRayCastMapper ends a ray once its remaining opacity (15-bit fixed point) is below 0xff."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,12 +71,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--brick-size", type=int, default=8, help="cells per brick edge of the field_bricks contender")
     parser.add_argument("--backends", default="",
                         help="comma-separated hash-grid backends for extra field_accelerated_<backend> rows")
+    parser.add_argument("--against", choices=["vtk"], default=None,
+                        help="add VTK's CPU ray caster on the same volume, cameras and transfer function (needs vtk)")
     add_device_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(getattr(args, "device", "auto"))
+    against_vtk = getattr(args, "against", None) == "vtk"
+    if against_vtk:
+        from gridinr_nerfstudio.scripts.bench.vtk_raycast import vtk_available
+
+        if not vtk_available():
+            raise SystemExit("gridinr-bench render --against vtk: the vtk package is not installed "
+                             "(pip install 'gridinr-nerfstudio[bench]')")
     clock = Clock(device)
     _, pipeline, _, _ = load_run_pipeline(args.load_config, test_mode="test", device=device)
     model = pipeline.model
@@ -100,10 +123,18 @@ def run(args: argparse.Namespace) -> dict:
     contenders = {  # (sample function, ray-marching options)
         "field": (lambda p: color(field_values(p)), {**plain, "early_stop_eps": 0.0}),
         "field_accelerated": (lambda p: color(field_values(p)), {**plain, "occupancy_grid": raw_cells}),
-        "field_bricks": (lambda p: color(bricks(p)), {**plain, "occupancy_grid": raw_cells}),
-        "field_cache": (lambda p: color(cache(p).clamp(0, 1)), {**plain, "occupancy_grid": cache_cells}),
-        "raw_volume": (lambda p: color(raw(p)), plain),  # as the reference images are rendered
+        "field_bricks": (GridSamples(bricks, color), {**plain, "occupancy_grid": raw_cells}),
+        "field_cache": (GridSamples(cache, color), {**plain, "occupancy_grid": cache_cells}),
+        "field_cache_torch": (GridSamples(cache, color), {**plain, "occupancy_grid": cache_cells, "fused": False}),
+        "raw_volume": (GridSamples(raw, color), plain),  # as the reference images are rendered
+        "raw_volume_torch": (GridSamples(raw, color), {**plain, "fused": False}),
+        "raw_accelerated": (GridSamples(raw, color), {**plain, "occupancy_grid": raw_cells}),
     }
+    if against_vtk:  # steps of at most one voxel on the longest chord through the box, VTK's termination
+        chord = float(2.0 * model.aabb[1].norm())
+        dense = {**plain, "num_samples": int(np.ceil(chord / voxel_size_world(model.volume))),
+                 "early_stop_eps": VTK_EARLY_STOP, "occupancy_grid": raw_cells}
+        contenders["raw_vtk_settings"] = (GridSamples(raw, color), dense)
     run_backend = model.field.encoding.backend
     for backend in [b.strip() for b in getattr(args, "backends", "").split(",") if b.strip()]:
         if backend not in BACKENDS:
@@ -139,6 +170,25 @@ def run(args: argparse.Namespace) -> dict:
                 image = holder["image"]
                 scores[name].append(metrics(image, reference))
 
+    vtk_mapper_seconds = 0.0
+    if against_vtk:
+        from gridinr_nerfstudio.scripts.bench.vtk_raycast import VtkRayCaster
+
+        cameras = dataset.cameras
+        caster = VtkRayCaster(model.volume, color, (int(cameras.width[0]), int(cameras.height[0])),
+                              threads=torch.get_num_threads())
+        fov = float(np.degrees(2.0 * np.arctan(0.5 * float(cameras.height[0]) / float(cameras.fy[0]))))
+        caster.render(cameras.camera_to_worlds[0], fov)  # untimed: VTK builds its min/max volume here
+        seconds["vtk"], scores["vtk"] = 0.0, []
+        for index in range(views):
+            image, frame_seconds = caster.render(cameras.camera_to_worlds[index], fov)
+            seconds["vtk"] += frame_seconds
+            vtk_mapper_seconds += caster.mapper_seconds()
+            first_frame.setdefault("vtk", frame_seconds)
+            reference = dataset.get_image_float32(index)[..., :3].to(device)
+            scores["vtk"].append(metrics(torch.from_numpy(image.copy()).to(device), reference))
+        contenders["vtk"] = None
+
     rays = views * int(dataset.cameras.width[0]) * int(dataset.cameras.height[0])
     results = {}
     for name in contenders:
@@ -152,10 +202,15 @@ def run(args: argparse.Namespace) -> dict:
     results["field_bricks"].update(brick_size=bricks.brick_size, decoded_share=bricks.decoded_fraction(),
                                    decoded_points=bricks.decoded_points)
     results["field_cache"]["decode_seconds"] = decode_seconds
+    if against_vtk:
+        results["vtk"].update(mapper_ms_per_frame=1000.0 * vtk_mapper_seconds / views, window=caster.window_class,
+                              sample_distance=caster.sample_distance, early_stop=VTK_EARLY_STOP)
+        results["raw_vtk_settings"]["num_samples"] = contenders["raw_vtk_settings"][1]["num_samples"]
     results["config"] = {"views": views, "num_samples": model.render_settings.num_samples,
                          "occupancy_resolution": resolution, "threads": torch.get_num_threads(),
                          "device": device_label(device), "hash_grid_backend": model.field.encoding.backend_for(device),
-                         "field_evaluation": field_evaluation(model.field.encoding, device)}
+                         "field_evaluation": field_evaluation(model.field.encoding, device),
+                         "fused_ray_marcher": kernel_available() and device.type == "cpu"}
     print_table(results)
     return results
 
@@ -172,14 +227,22 @@ def print_table(results: dict) -> None:
     config = results["config"]
     raw_ms = results["raw_volume"]["ms_per_frame"]
     print(f"{config['views']} views, {config['num_samples']} samples per ray, {config['occupancy_resolution']} "
-          f"macrocells per axis, field evaluated by {config['field_evaluation']}, device {config['device']}")
+          f"macrocells per axis, field evaluated by {config['field_evaluation']}, fused ray marcher "
+          f"{'on' if config.get('fused_ray_marcher') else 'off'}, device {config['device']}")
     raw_first = results["raw_volume"]["first_frame_ms"]
+    vtk_ms = results["vtk"]["ms_per_frame"] if "vtk" in results else None
     print(f"{'contender':<20}{'ms/frame':>12}{'rays/s':>14}{'x raw time':>12}{'1st frame x':>13}{'PSNR dB':>10}"
-          f"{'SSIM':>9}")
+          f"{'SSIM':>9}" + (f"{'x vtk time':>12}" if vtk_ms else ""))
     for name in [key for key in results if key != "config"]:
         row = results[name]
         print(f"{name:<20}{row['ms_per_frame']:>12.1f}{row['rays_per_s']:>14.4g}{row['ms_per_frame'] / raw_ms:>12.2f}"
-              f"{row['first_frame_ms'] / raw_first:>13.2f}{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}")
+              f"{row['first_frame_ms'] / raw_first:>13.2f}{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}"
+              + (f"{row['ms_per_frame'] / vtk_ms:>12.2f}" if vtk_ms else ""))
+    if "vtk" in results:
+        vtk = results["vtk"]
+        print(f"vtk: {vtk['window']}, sample distance {vtk['sample_distance']:.4g} (one voxel), ray casting alone "
+              f"{vtk['mapper_ms_per_frame']:.1f} ms/frame; raw_vtk_settings: "
+              f"{results['raw_vtk_settings']['num_samples']} samples per ray, early termination at {VTK_EARLY_STOP:.4f}")
     print(f"field cache decoded once in {results['field_cache']['decode_seconds']:.2f} s; field_bricks decoded "
           f"{results['field_bricks']['decoded_share']:.0%} of its {results['field_bricks']['brick_size']}^3-cell "
           f"bricks ({results['field_bricks']['decoded_points'] / 1e6:.2f} M points)")

@@ -1,0 +1,288 @@
+"""The fused C++ ray marcher against the torch ray marcher: images, gradients (float64 gradcheck), every grid kind,
+and the renderer's users taking the fused path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_rendering import blob_volume, orbit_rays, tensor
+
+from gridinr_nerfstudio.data.default_volume import default_volume_array
+from gridinr_nerfstudio.data.volume_io import open_volume
+from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
+from gridinr_nerfstudio.fields.dense_grid import DenseGridField
+from gridinr_nerfstudio.fields.memmap_grid import MemmapGridField
+from gridinr_nerfstudio.rendering import fused_march
+from gridinr_nerfstudio.rendering.fused_march import GridNormals, GridSamples
+from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
+from gridinr_nerfstudio.rendering.raymarch import RenderStats, render_rays
+from gridinr_nerfstudio.transfer.transfer_function import TransferFunction
+from gridinr_nerfstudio.transfer.transfer_mlp import TransferMLP, TransferTable
+
+pytestmark = pytest.mark.skipif(not fused_march.kernel_available(), reason="fused ray-marching extension not built")
+
+HALF = torch.tensor([1.0, 0.8, 0.7])
+# Float32 rounding: both paths sum ~100 weighted samples in float32 in different orders (cumsum and exp there, a
+# running product here): measured differences are ~1e-6; 2e-5 leaves room without hiding a wrong sample.
+ROUNDING = 2e-5
+
+
+def reference_volumes() -> dict[str, torch.Tensor]:
+    """The test suite's reference volumes: sparse Gaussian blobs (mostly empty, like c60) and the built-in volume
+    (Marschner-Lobb, dense) at a small size."""
+    return {"blobs": torch.from_numpy(blob_volume((20, 24, 28))),
+            "builtin": torch.from_numpy(default_volume_array(24)).float()}
+
+
+def rays(count: int = 400, seed: int = 1):
+    origins, directions = orbit_rays(count, seed)
+    return tensor(origins), tensor(directions)
+
+
+def compare(expected: dict, got: dict, tolerance: float) -> None:
+    assert expected.keys() == got.keys()
+    for key in ("rgb", "accumulation"):
+        assert torch.allclose(got[key], expected[key], atol=tolerance, rtol=0), (key, (got[key] - expected[key]).abs().max())
+    seen = expected["accumulation"][:, 0] > 0.1  # depth is divided by the accumulation
+    depth_error = (got["depth"] - expected["depth"])[seen].abs().max()
+    assert depth_error < 10 * tolerance / 0.1, depth_error
+    if "normals" in expected:
+        assert (got["normals"] - expected["normals"])[seen].abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("volume_name", ["blobs", "builtin"])
+@pytest.mark.parametrize("options", [
+    {"early_stop_eps": 0.0},
+    {"early_stop_eps": 0.0, "occupancy": True},
+    {"normals": True, "early_stop_eps": 0.0},
+    {"normals": True, "shading": True, "early_stop_eps": 0.0, "background": (0.2, 0.4, 0.6)},
+    {"stratified": True, "early_stop_eps": 0.0, "occupancy": True},
+])
+def test_fused_images_match_the_torch_path(volume_name, options):
+    volume = reference_volumes()[volume_name]
+    field = DenseGridField(volume, HALF)
+    tf = TransferFunction.ramp("viridis", 0.2, 0.7, 0.6, unit_distance=0.05)
+    origins, directions = rays()
+    kwargs = {key: value for key, value in options.items() if key not in ("normals", "occupancy", "stratified")}
+    if options.get("normals"):
+        kwargs["normal_fn"] = GridNormals(field, 0.03)
+    if options.get("occupancy"):
+        kwargs["occupancy_grid"] = OccupancyGrid.from_volume(volume, HALF, 10).update(tf)
+    outputs, stats = [], []
+    for fused in (False, True):
+        generator = torch.Generator().manual_seed(3)  # the same stratified positions on both paths
+        stats.append(RenderStats())
+        outputs.append(render_rays(origins, directions, GridSamples(field, tf), torch.stack([-HALF, HALF]),
+                                   num_samples=48, stratified=options.get("stratified", False), generator=generator,
+                                   stats=stats[-1], fused=fused, **kwargs))
+    assert stats[0].fused_rays == 0 and stats[1].fused_rays == origins.shape[0]
+    compare(outputs[0], outputs[1], ROUNDING)
+    assert stats[1].rays_hit == stats[0].rays_hit and stats[1].samples_total == stats[0].samples_total
+    if options.get("occupancy"):  # skipping is exact and skips the same samples (the torch path checks each one)
+        assert stats[1].samples_evaluated <= stats[0].samples_evaluated
+        assert stats[1].samples_evaluated < 0.8 * stats[1].samples_total or volume_name == "builtin"
+
+
+def test_early_termination_changes_colours_by_less_than_its_threshold():
+    """The fused path stops a ray at the first sample after which its transmittance is <= eps, the torch path at
+    the end of the chunk of 32 samples where that happens: what lies beyond adds at most eps to each channel."""
+    volume = reference_volumes()["blobs"]
+    field = DenseGridField(volume, HALF)
+    tf = TransferFunction.ramp("magma", 0.05, 0.3, 1.0, unit_distance=0.01)  # opaque: rays end early
+    origins, directions = rays()
+    eps = 1e-3
+    plain = render_rays(origins, directions, GridSamples(field, tf), torch.stack([-HALF, HALF]), num_samples=64,
+                        early_stop_eps=0.0, fused=False)
+    stats = RenderStats()
+    early = render_rays(origins, directions, GridSamples(field, tf), torch.stack([-HALF, HALF]), num_samples=64,
+                        early_stop_eps=eps, stats=stats)
+    assert (plain["accumulation"] > 1 - eps).float().mean() > 0.1  # the case is exercised
+    assert (early["rgb"] - plain["rgb"]).abs().max() <= eps + ROUNDING
+    assert stats.samples_evaluated < stats.samples_total  # opaque rays stopped early
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_memmapped_voxels_are_read_in_their_own_dtype(write_raw_dataset, dtype):
+    """Raw voxels through the memmap (no float32 copy): the kernel normalises them itself, with NaN replacement."""
+    rng = np.random.default_rng(0)
+    base = blob_volume((12, 14, 16))
+    if dtype == "float32":
+        data = (base * 50.0 - 7.0).astype(np.float32)
+        data[3, 4, 5] = np.nan
+        options = {"nan_policy": "replace", "replace_value": 10.0}
+    else:
+        top = 255 if dtype == "uint8" else 4000
+        data = (base * (top - 20) + 10 + rng.integers(0, 5, base.shape)).astype(dtype)
+        options = {}
+    volume = open_volume(write_raw_dataset({"density": [data]}), **options)
+    memmapped = MemmapGridField(volume)
+    source = fused_march.grid_source(memmapped)
+    assert source is not None and source.voxels.dtype == getattr(torch, dtype)
+    tf = TransferFunction.ramp("inferno", 0.1, 0.8, 0.7, unit_distance=0.05)
+    origins, directions = rays(300, 4)
+    aabb = torch.stack([-memmapped.half_size, memmapped.half_size])
+    expected = render_rays(origins, directions, GridSamples(DenseGridField.from_volume(volume), tf), aabb,
+                           num_samples=40, early_stop_eps=0.0, fused=False)
+    stats = RenderStats()
+    got = render_rays(origins, directions, GridSamples(memmapped, tf), aabb, num_samples=40, early_stop_eps=0.0,
+                      stats=stats)
+    assert stats.fused_rays == 300
+    compare(expected, got, ROUNDING)
+
+
+def test_brick_cache_decodes_where_rays_go_and_renders_the_whole_lattice_image():
+    """Rays stopped at undecoded bricks (NaN lattice values, also in normal lookups) resume once those are decoded:
+    the image equals the one of the lattice decoded whole, and only bricks that samples reach are decoded."""
+    lattice = reference_volumes()["blobs"].double()
+    dims = lattice.shape[::-1]
+
+    def decode(unit: torch.Tensor) -> torch.Tensor:  # exact lattice values at lattice points
+        index = (unit * (torch.tensor(dims) - 1)).round().long()
+        return lattice[index[:, 2], index[:, 1], index[:, 0]].float()
+
+    bricks = BrickFieldCache(decode, dims, HALF, brick_size=4)
+    whole = DenseGridField(lattice.float(), HALF)
+    tf = TransferFunction.ramp("viridis", 0.2, 0.7, 0.6, unit_distance=0.05)
+    occupancy = OccupancyGrid.from_volume(lattice.float(), HALF, 12).update(tf)
+    origins, directions = rays(300, 2)
+    aabb = torch.stack([-HALF, HALF])
+    options = {"num_samples": 48, "early_stop_eps": 0.0, "occupancy_grid": occupancy}
+    expected = render_rays(origins, directions, GridSamples(whole, tf), aabb, normal_fn=GridNormals(whole, 0.03),
+                           shading=True, fused=False, **options)
+    got = render_rays(origins, directions, GridSamples(bricks, tf), aabb, normal_fn=GridNormals(bricks, 0.03),
+                      shading=True, **options)
+    compare(expected, got, ROUNDING)
+    assert 0.0 < bricks.decoded_fraction() < 0.9
+
+
+def table_and_color(size: int = 24, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.rand(size, 4, dtype=torch.float64, generator=generator)
+    table[:, 3] *= 6.0
+    table[: size // 4, 3] = 0.0  # transparent entries still get a gradient through sigma
+    mlp = TransferMLP(hidden_dim=8, num_layers=1, lut_size=size)
+    return table, lambda t: TransferTable(mlp, t, invisible_sigma=1e-3)
+
+
+@pytest.mark.parametrize("options", [
+    {"early_stop_eps": 0.0},
+    {"early_stop_eps": 0.05, "occupancy": True},
+    {"normals": True, "shading": True, "early_stop_eps": 0.0},
+    {"stratified": True, "early_stop_eps": 0.0},
+])
+def test_table_gradient_passes_gradcheck_and_matches_autograd_through_the_torch_path(options):
+    volume = reference_volumes()["blobs"][::2, ::2, ::2].contiguous()
+    field = DenseGridField(volume, HALF).double()
+    origins, directions = (x.double() for x in rays(60, 5))
+    aabb = torch.stack([-HALF, HALF]).double()
+    table, color_of = table_and_color()
+    kwargs = {"early_stop_eps": options["early_stop_eps"], "background": torch.tensor([0.1, 0.2, 0.3]).double()}
+    if options.get("normals"):
+        kwargs.update(normal_fn=GridNormals(field, 0.05), shading=options.get("shading", False))
+    if options.get("occupancy"):
+        kwargs["occupancy_grid"] = OccupancyGrid.from_volume(volume, HALF, 6).update(color_of(table))
+    weights = torch.rand(60, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss(table: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        out = render_rays(origins, directions, GridSamples(field, color_of(table)), aabb, num_samples=20,
+                          stratified=options.get("stratified", False), generator=torch.Generator().manual_seed(7),
+                          fused=fused, **kwargs)
+        columns = [out["rgb"], out["accumulation"], out["depth"], out.get("normals", torch.zeros_like(out["rgb"]))]
+        return (torch.cat(columns, dim=-1) * weights).sum()
+
+    table = table.requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (table,), eps=1e-6, atol=1e-6)
+    if options["early_stop_eps"] == 0.0:  # the torch path stops per chunk of samples, the kernel per sample
+        fused_grad, = torch.autograd.grad(loss(table), table)
+        torch_grad, = torch.autograd.grad(loss(table, fused=False), table)
+        assert torch.allclose(fused_grad, torch_grad, atol=1e-10, rtol=1e-8)
+        assert fused_grad[:6, 3].abs().sum() > 0  # transparent entries get a gradient
+
+
+def test_table_gradient_is_deterministic_across_threads():
+    volume = reference_volumes()["builtin"]
+    field = DenseGridField(volume, HALF)
+    table, color_of = table_and_color(64)
+    table = table.float().requires_grad_(True)
+    origins, directions = rays(2000, 6)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            out = render_rays(origins, directions, GridSamples(field, color_of(table)), torch.stack([-HALF, HALF]),
+                              num_samples=32)
+            grads.append(torch.autograd.grad(out["rgb"].square().sum(), table)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])
+
+
+# ---------------------------------------------------------------- every user of the renderer takes the fused path
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Rays rendered by the fused kernel, one entry per `render_fused` call."""
+    calls = []
+    original = fused_march.render_fused
+
+    def counting(origins, *args, **kwargs):
+        calls.append(origins.shape[0])
+        return original(origins, *args, **kwargs)
+
+    monkeypatch.setattr(fused_march, "render_fused", counting)
+    return calls
+
+
+def test_viewer_eval_and_video_renders_take_the_fused_path(tiny_fit_run, fused_calls):
+    """`get_outputs_for_camera` (viewer, ns-eval, gridinr-render) and `get_outputs` of a fitted run."""
+    from gridinr_nerfstudio.runs import load_run_pipeline
+
+    _, pipeline, _, _ = load_run_pipeline(tiny_fit_run, test_mode="test", device="cpu")
+    assert sum(fused_calls) > 0  # the eval split's reference renderings
+    fused_calls.clear()
+    model = pipeline.model
+    cameras = pipeline.datamanager.eval_dataset.cameras
+    model.config.compute_normals = True
+    outputs = model.get_outputs_for_camera(cameras[0:1])
+    pixels = int(cameras.width[0]) * int(cameras.height[0])
+    assert sum(fused_calls) == pixels and "normals" in outputs
+    bundle = cameras.generate_rays(camera_indices=0)[:4]
+    model.get_outputs(bundle)
+    assert sum(fused_calls) == pixels + 4 * int(cameras.width[0])
+
+
+def test_stage2_views_and_their_gradient_take_the_fused_path(tiny_fit_run, fused_calls, monkeypatch):
+    """Stage 2 renders its training views through the fused kernel; the transfer MLP's gradient equals the one
+    through the torch path (the kernel switched off)."""
+    from test_edit import edit_pipeline
+
+    pipeline = edit_pipeline(tiny_fit_run)
+    model = pipeline.model
+    model.config.train_early_stop_eps = 0.0  # the torch path stops per chunk of samples, the kernel per sample
+    cameras = pipeline.datamanager.train_dataset.cameras[0:2]
+    grads = []
+    for kernel in ("1", "0"):
+        monkeypatch.setenv("GRIDINR_FUSED_MARCH", kernel)
+        model.transfer_mlp.zero_grad()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same stratified positions
+            model.get_view_outputs(cameras)["rgb"].square().mean().backward()
+        grads.append([p.grad.clone() for p in model.transfer_mlp.parameters()])
+    pixels = 2 * int(cameras.width[0]) * int(cameras.height[0])
+    assert sum(fused_calls) == pixels  # the first pass only
+    for fused, reference in zip(*grads):
+        assert torch.allclose(fused, reference, atol=1e-7, rtol=1e-3)
+
+
+def test_reference_renderings_take_the_fused_path(write_raw_dataset, fused_calls, tmp_path):
+    from gridinr_nerfstudio.data.dataparser import reference_renderings
+    from gridinr_nerfstudio.data.orbit_cameras import orbit_cameras
+    from gridinr_nerfstudio.rendering.settings import RenderSettings
+
+    volume = open_volume(write_raw_dataset({"density": [(blob_volume((10, 12, 14)) * 255).astype(np.uint8)]}))
+    cameras = orbit_cameras(2, image_size=16)
+    reference_renderings(volume, cameras, RenderSettings(num_samples=24), tmp_path / "refs")
+    assert sum(fused_calls) == 2 * 16 * 16
