@@ -371,7 +371,7 @@ def test_eval_never_writes_nan(tmp_path: Path, tiny_fit_run: Path, monkeypatch) 
 
     _, pipeline, _, _ = load_run_pipeline(tiny_fit_run, test_mode="test")
     pipeline.config.run_dir = tmp_path / "run"
-    monkeypatch.setattr(VanillaPipeline, "get_average_eval_image_metrics", lambda self, **kwargs: {
+    monkeypatch.setattr(VanillaPipeline, "get_average_image_metrics", lambda self, *args, **kwargs: {
         "psnr": float("inf"), "psnr_std": float("nan"), "ssim": 1.0, "ssim_std": 0.0,
         "fps": 10.0, "num_rays_per_sec": 1000.0})
     metrics = pipeline.get_average_eval_image_metrics(step=7)

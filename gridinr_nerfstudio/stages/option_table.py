@@ -221,7 +221,6 @@ OPTION_TABLE: Dict[str, Entry] = {
     "pipeline.datamanager.continuous_fraction": _row(Between(0, 1)),
     "pipeline.datamanager.subsample_factor": _row(AtLeast(1)),
     "pipeline.datamanager.subsample_fraction": _row(Between(0, 1)),
-    "pipeline.datamanager.max_iterations": _row(Free("set from --max-num-iterations when the run starts"), DERIVED),
     "pipeline.datamanager.preload_max_bytes": _row(AtLeast(0), CHANGE),
     "pipeline.datamanager.seed": _row(SEED),
     "pipeline.datamanager.device_resident": _row(Choice()),
@@ -256,7 +255,6 @@ OPTION_TABLE: Dict[str, Entry] = {
     "pipeline.model.field.num_hidden_layers": _row(AtLeast(0, " (0: a linear decoder)")),
     "pipeline.model.field.backend": _row(OneOf(_backends), CHANGE),
     "pipeline.model.field.coarse_to_fine": _row(Between(0, 1)),
-    "pipeline.model.max_iterations": _row(Free("set from --max-num-iterations when the run starts"), DERIVED),
     "pipeline.model.loss": _row(Choice()),
     "pipeline.model.volume_psnr_chunk": _row(AtLeast(1), CHANGE),
     # Stage 2 model.

@@ -201,7 +201,8 @@ class EditPipeline(StagePipeline):
         firsts = [(view, image.cpu()) for view, image in zip(views, images) if view < 4]
         gathered = distributed.all_gather_objects((scores, firsts))
         if distributed.is_main():
-            self.save_before_after(torch.stack([image for _, part in gathered for _, image in sorted(part[1])]))
+            pairs = sorted((pair for _, firsts_of_rank in gathered for pair in firsts_of_rank), key=lambda p: p[0])
+            self.save_before_after(torch.stack([image for _, image in pairs]))
         for name, clip in scorers:
             if clip is None:  # left out (writers need numbers); said once
                 self.metric_unavailable(name, self.clip_unavailable_reason or "CLIP weights not available")
