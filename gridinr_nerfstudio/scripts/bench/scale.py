@@ -42,6 +42,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     parser.add_argument("--iterations", type=int, default=200, help="training steps of every rank count")
     parser.add_argument("--batch", type=int, default=0, help="global points per step (0: the device's default)")
+    parser.add_argument("--log2-hashmap-size", type=int, default=0,
+                        help="hash-table entries per level, log2 (0: the method's default, 2^21): the all-reduced bytes "
+                             "grow with it")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of points/s")
     parser.add_argument("--timing-steps", type=int, default=20, help="steps timed with and without all-reduce")
     parser.add_argument("--allreduce-repeats", type=int, default=10, help="all-reduces of the model's size timed")
@@ -51,16 +54,30 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run every rank count under torchrun, print a table, return {ranks: figures}."""
-    counts = [int(count) for count in str(args.ranks).split(",") if count.strip()]
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gridinr-scale-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        counts = [int(count) for count in str(args.ranks).split(",") if count.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"gridinr-bench scale: error: --ranks {args.ranks!r}: expected rank counts such as 1,2")
+    if args.iterations <= args.warmup:
+        raise SystemExit(f"gridinr-bench scale: error: --iterations {args.iterations} leaves no step after "
+                         f"--warmup {args.warmup} to time")
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="gridinr-scale-") as scratch:
+            return _run_counts(args, counts, Path(scratch))
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    return _run_counts(args, counts, Path(args.workdir))
+
+
+def _run_counts(args: argparse.Namespace, counts: list, workdir: Path) -> dict:
     results: dict = {}
     for count in counts:
         out = workdir / f"ranks{count}.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(count),
                    "-m", "gridinr_nerfstudio.scripts.bench.scale", "--worker", "--out", str(out),
                    "--data", str(args.data), "--iterations", str(args.iterations), "--batch", str(args.batch),
-                   "--warmup", str(args.warmup), "--timing-steps", str(args.timing_steps),
+                   "--log2-hashmap-size", str(args.log2_hashmap_size), "--warmup", str(args.warmup), "--timing-steps", str(args.timing_steps),
                    "--allreduce-repeats", str(args.allreduce_repeats), "--device", args.device,
                    "--workdir", str(workdir / f"run{count}")]
         print(f"== {count} rank(s): {' '.join(command[1:6])} ...", flush=True)
@@ -107,6 +124,8 @@ def _trainer(args, place, workdir: Path):
     if global_batch % place.world_size:
         raise SystemExit(f"gridinr-bench scale: --batch {global_batch} does not split over {place.world_size} ranks")
     config.pipeline.datamanager.batch_size = global_batch // place.world_size
+    if args.log2_hashmap_size > 0:
+        config.pipeline.model.field.log2_hashmap_size = args.log2_hashmap_size
     torch.manual_seed(0)
     trainer = config.setup(local_rank=place.local_rank, world_size=place.world_size)
     trainer.setup()
