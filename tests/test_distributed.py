@@ -318,7 +318,8 @@ def test_a_torchrun_run_writes_each_file_once(two_rank_run):
     assert len(state["random_state"]["ranks"]) == 2  # both ranks' torch generators
     with (two_rank_run / "metrics.csv").open() as file:
         steps = [int(row["step"]) for row in csv.DictReader(file)]
-    assert {4, 8} <= set(steps) and len(steps) == len(set(steps))  # one row per evaluation
+    # One row per evaluation: every 4 steps and the final evaluation at the last step (split across the ranks).
+    assert steps == [4, 8, RUN_STEPS - 1]
     with (two_rank_run / "train_log.csv").open() as file:
         losses = [row["step"] for row in csv.DictReader(file) if row["name"] == "Train Loss"]
     assert losses.count("0") == 1
@@ -335,9 +336,14 @@ def test_a_torchrun_run_loads_in_stage_2_export_and_ns_eval(two_rank_run, tmp_pa
     exported = tmp_path / "field.npy"
     assert export_main(["volume", "--load-config", str(two_rank_run / "config.yml"), "--output", str(exported)]) == 0
     assert np.load(exported).shape == (24, 24, 24)
+    with (two_rank_run / "metrics.csv").open() as file:  # before ns-eval appends its own row
+        (final,) = [row for row in csv.DictReader(file) if int(row["step"]) == RUN_STEPS - 1]
     ComputePSNR(load_config=two_rank_run / "config.yml", output_path=tmp_path / "eval.json").main()
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert np.isfinite(results["volume_psnr"]) and results["volume_psnr"] > 5
+    # The run's final evaluation, its views and slabs split over two ranks, equals one process on the same checkpoint.
+    for name in ("volume_psnr", "psnr", "ssim"):
+        assert float(final[name]) == pytest.approx(results[name], rel=1e-5, abs=1e-6), name
 
 
 def test_a_killed_torchrun_run_resumes_to_the_end_of_the_uninterrupted_one(two_rank_run, volume_file, tmp_path):
