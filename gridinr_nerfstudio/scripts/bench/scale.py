@@ -91,15 +91,16 @@ def _run_counts(args: argparse.Namespace, counts: list, workdir: Path) -> dict:
 
 def print_table(results: dict) -> None:
     base = results.get("1")
-    print(f"{'ranks':>5} {'batch/rank':>10} {'step ms':>8} {'points/s':>10} {'vs 1':>6} {'all-reduce':>10} "
+    print(f"{'ranks':>5} {'threads':>7} {'batch/rank':>10} {'step ms':>8} {'points/s':>10} {'vs 1':>6} {'all-reduce':>10} "
           f"{'AR ms':>7} {'AR MB':>6} {'AR GB/s':>7} {'PSNR dB':>8}")
     for count, row in results.items():
         speed = row["points_per_s"] / base["points_per_s"] if base else float("nan")
-        print(f"{count:>5} {row['batch_per_rank']:>10} {row['step_ms']:>8.1f} {row['points_per_s'] / 1e6:>9.3f}M "
+        print(f"{count:>5} {row['threads']:>7} {row['batch_per_rank']:>10} {row['step_ms']:>8.1f} {row['points_per_s'] / 1e6:>9.3f}M "
               f"{speed:>6.2f} {row['allreduce_share']:>10.1%} {row['allreduce_ms']:>7.1f} "
               f"{row['allreduce_bytes'] / 1e6:>6.1f} {row['allreduce_gbps']:>7.2f} {row['volume_psnr']:>8.2f}")
-    print(f"device {next(iter(results.values()))['device']}, {next(iter(results.values()))['threads']} thread(s) "
-          f"per rank, global batch {next(iter(results.values()))['global_batch']}", flush=True)
+    first = next(iter(results.values()))
+    print(f"device {first['device']}, threads per rank as shown (the machine's cores shared by its ranks), global "
+          f"batch {first['global_batch']}", flush=True)
 
 
 def _trainer(args, place, workdir: Path):
