@@ -143,6 +143,12 @@ class StageModel(Model):
         self.helpers.field_cache = None
         self.helpers.occupancy_grid = None
 
+    def use_current_field(self) -> None:
+        """Before an evaluation: drop a field cache decoded at an earlier training step (during training the cache
+        is refreshed only every `field_cache_refresh_steps`, for the viewer), so metrics measure the field as it is."""
+        if self.field_cache is not None and self.cache_version != self.field_version:
+            self.invalidate_field_cache()
+
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         def advance(step: int) -> None:
             self.field_version = step

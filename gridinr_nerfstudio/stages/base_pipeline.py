@@ -133,6 +133,7 @@ class StagePipeline(VanillaPipeline):
         With several ranks every rank calls this (a collective): each renders its share of the views, the
         per-rank averages are combined, and rank 0 writes the row; every rank returns the same numbers."""
         started = time.perf_counter()
+        self.model.use_current_field()
         dataset = self.datamanager.eval_dataset
         views = list(distributed.share(len(dataset)))
         metrics: Dict[str, float] = {}
