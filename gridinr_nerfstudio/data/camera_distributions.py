@@ -120,7 +120,7 @@ def random_directions(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def rolled(camera_to_world: np.ndarray, roll_degrees: np.ndarray) -> np.ndarray:
-    """Poses (N, 3, 4) turned by `roll_degrees` (N,) about their viewing axis (positive: counter-clockwise as seen)."""
+    """Poses (N, 3, 4) turned by `roll_degrees` (N,) about their viewing axis (positive: right vector towards up)."""
     angle = np.radians(roll_degrees)[:, None]
     right, up = camera_to_world[:, :, 0], camera_to_world[:, :, 1]
     out = camera_to_world.copy()
