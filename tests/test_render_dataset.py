@@ -239,6 +239,8 @@ def test_camera_path_dataset(tmp_path):
         np.testing.assert_allclose(np.asarray(frame["transform_matrix"])[:3], pose, atol=1e-6)
         assert frame["fl_y"] == pytest.approx(6.0 / math.tan(math.radians(fov) / 2), rel=1e-5)
         assert imageio.imread(folder / frame["file_path"]).shape == (12, 16, 3)
+    assert render_dataset("--data", "builtin-default", "--output", tmp_path / "sized", "--cameras", path,
+                          "--image-size", 32) == 1  # the path sets the size: a second one is refused
 
 
 def model_uint8(model, cameras, index: int) -> np.ndarray:

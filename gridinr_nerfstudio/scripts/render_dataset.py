@@ -60,7 +60,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                               "(viewer export). Default sphere")
     cameras.add_argument("--num-images", type=int, default=None,
                          help="cameras (default 100; for a camera path: all of its cameras, or this many evenly spaced)")
-    cameras.add_argument("--image-size", default="256", metavar="S|WxH", help="pixels: S (square) or WxH (default 256)")
+    cameras.add_argument("--image-size", default=None, metavar="S|WxH",
+                         help="pixels: S (square) or WxH (default 256; a camera path sets its own)")
     cameras.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     cameras.add_argument("--radius", type=float, default=2.5, help="camera distance from the centre (default 2.5)")
     cameras.add_argument("--fov", type=float, default=45.0, help="vertical field of view, degrees (default 45)")
@@ -145,13 +146,15 @@ def camera_jitter(args: argparse.Namespace) -> Optional[CameraJitter]:
 
 def camera_set_of(args: argparse.Namespace):
     if args.cameras in DISTRIBUTIONS:
-        width, height = parse_size(args.image_size)
+        width, height = parse_size(args.image_size or "256")
         return make_camera_set(args.cameras, 100 if args.num_images is None else args.num_images, width, height,
                                radius=args.radius, fov_degrees=args.fov, jitter=camera_jitter(args), seed=args.seed,
                                rings=args.rings, elevation_range=parse_range(args.elevations, "--elevations"))
     path = Path(args.cameras)
     if path.suffix.lower() != ".json" or not path.is_file():
         raise CameraSpecError(f"--cameras {args.cameras!r}: neither {', '.join(DISTRIBUTIONS)} nor a camera path .json file")
+    if args.image_size is not None:
+        raise CameraSpecError(f"--image-size: the camera path {path} sets the image size (render_width, render_height)")
     return camera_path_set(path, args.num_images)
 
 
