@@ -123,12 +123,14 @@ def test_frames_are_rebuilt_from_their_appearance_records(tmp_path, builtin_fiel
     folder = tmp_path / "looks"
     assert render_dataset("--data", "builtin-default", "--output", folder, "--num-images", 8, "--image-size", 20,
                           "--cameras", "orbit", "--presets", "all", "--colormaps", "viridis", "gray",
-                          "--shading", "random", "--background", "black", "white", "random", "--seed", 5) == 0
+                          "--shading", "random", "--background", "black", "white", "random", "--seed", 5,
+                          "--opacity-ramp", "0.2:0.7:0.4") == 0
     cameras = nerfstudio_outputs(folder).cameras
     frames = json.loads((folder / "transforms.json").read_text())["frames"]
     looks = {(f["appearance"]["preset"], f["appearance"]["colormap"]) for f in frames}
     assert len(looks) >= 3 and {f["appearance"]["shading"] for f in frames} == {True, False}
     assert len({tuple(f["appearance"]["background"]) for f in frames}) >= 3
+    assert all(f["appearance"]["opacity_ramp"] == [0.2, 0.7, 0.4] for f in frames if f["appearance"]["colormap"])
     for index, frame in enumerate(frames):
         record = frame["appearance"]
         settings = RenderSettings(shading=record["shading"], background=tuple(record["background"]))
@@ -215,6 +217,7 @@ def test_existing_folders_need_overwrite_and_inputs_are_never_written(tmp_path, 
     (["--background", "1,2,3"], "--background"),
     (["--image-size", "7y"], "--image-size"),
     (["--opacity-scale", "2:1"], "--opacity-scale"),
+    (["--opacity-ramp", "0.5:0.2:0.3"], "--opacity-ramp"),
     (["--timesteps", "3"], "out of range"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, args, message):

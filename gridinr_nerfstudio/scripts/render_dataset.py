@@ -79,6 +79,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                       help="ParaView presets to draw from: shipped names, JSON files, or 'all' (the shipped ones)")
     look.add_argument("--colormaps", nargs="+", default=[], metavar="NAME",
                       help="matplotlib colormaps to draw from (with the base opacity ramp)")
+    look.add_argument("--opacity-ramp", default=None, metavar="LOW:HIGH:SCALE",
+                      help="opacity ramp of colormap looks: 0 below LOW, rising to SCALE at HIGH (normalised values; "
+                           "default: the run's, 0.1:0.6:0.25 for --data)")
     look.add_argument("--colormap-shift", type=float, default=0.0, help="colours slide by U(-s, s) in value")
     look.add_argument("--opacity-shift", type=float, default=0.0, help="the opacity curve slides by U(-s, s) in value")
     look.add_argument("--opacity-scale", default="1:1", metavar="A:B", help="opacities x log-uniform factor in [A, B]")
@@ -121,6 +124,16 @@ def parse_range(text: str, option: str) -> tuple[float, float]:
     if low > high:
         raise DatasetError(f"{option} {text!r}: A must be <= B")
     return low, high
+
+
+def parse_ramp(text: str) -> tuple[float, float, float]:
+    try:
+        low, high, scale = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise DatasetError(f"--opacity-ramp {text!r}: use LOW:HIGH:SCALE") from None
+    if not (0.0 <= low <= high <= 1.0 and 0.0 <= scale <= 1.0):
+        raise DatasetError(f"--opacity-ramp {text!r}: needs 0 <= LOW <= HIGH <= 1 and 0 <= SCALE <= 1")
+    return low, high, scale
 
 
 def appearance_options(args: argparse.Namespace) -> AppearanceOptions:
@@ -213,11 +226,14 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.output, args.overwrite, inputs)
         options = appearance_options(args)
         check_options(options)
+        ramp = parse_ramp(args.opacity_ramp) if args.opacity_ramp is not None else None
         camera_set = camera_set_of(args)
         scene, steps = open_scene(args)
-        if scene.learned_look and options.changes_transfer_function():
+        if ramp is not None:
+            scene.base = replace(scene.base, opacity_low=ramp[0], opacity_high=ramp[1], opacity_scale=ramp[2])
+        if scene.learned_look and (options.changes_transfer_function() or ramp is not None):
             raise DatasetError(f"{args.load_config}: an edit run's look is its learned transfer function; presets, "
-                               "colormaps, shifts and opacity scales apply to fit runs and --data")
+                               "colormaps, ramps, shifts and opacity scales apply to fit runs and --data")
         frames = plan_frames(camera_set, scene.steps, steps)
         rng = np.random.default_rng([args.seed, 1])
         appearances = draw_appearances(options, scene.base, len(frames), rng, learned_look=scene.learned_look)
