@@ -201,13 +201,60 @@ def test_existing_folders_need_overwrite_and_inputs_are_never_written(tmp_path, 
     assert notes.read_text() == "mine" and not stale.exists()  # our entries replaced, other files kept
     assert len(json.loads((folder / "transforms.json").read_text())["frames"]) == 1
     assert sorted(p.name for p in (folder / "images").iterdir()) == ["frame_00000.png"]
-    assert not list(tmp_path.glob(".set.partial-*"))
+    assert not [p for p in folder.rglob(".*")] and sorted(p.name for p in tmp_path.iterdir()) == ["set"]
     # A folder holding the input volume is refused even with --overwrite.
     volume = tmp_path / "volume.npy"
     np.save(volume, np.ones((4, 4, 4), dtype=np.float32))
     capsys.readouterr()
     assert render_dataset("--data", volume, "--output", tmp_path, "--overwrite", "--num-images", 1) == 1
     assert "input" in capsys.readouterr().err
+
+
+def test_overwrite_never_writes_over_the_volume_it_reads(tmp_path, capsys):
+    """safe_write's rule through every path to the input: a frame name hard-linked or symlinked to the volume file,
+    and transforms.json as a link to it, are refused even with --overwrite, and the volume keeps its bytes."""
+    volume = tmp_path / "volume.npy"
+    np.save(volume, np.linspace(0, 1, 64, dtype=np.float32).reshape(4, 4, 4))
+    original = volume.read_bytes()
+    for name, link in (("images/frame_00000.png", "hard"), ("masks/frame_00001.png", "symlink"),
+                       ("transforms.json", "symlink")):
+        folder = tmp_path / f"set-{link}-{name.split('/')[0]}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).hardlink_to(volume) if link == "hard" else (folder / name).symlink_to(volume)
+        capsys.readouterr()
+        assert render_dataset("--data", volume, "--output", folder, "--overwrite", "--num-images", 2,
+                              "--image-size", 8, "--masks") == 1
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "the volume file" in error and "not even with --overwrite" in error
+        assert volume.read_bytes() == original
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()) == [name]
+
+
+def test_an_interrupted_render_leaves_what_was_there(tmp_path, monkeypatch, capsys):
+    """A failure in the middle of a set (here the third frame's render) leaves the older set as it was, and no
+    hidden staging files or folders, whether the folder was new or replaced with --overwrite."""
+    import gridinr_nerfstudio.export.dataset as dataset
+
+    folder = tmp_path / "set"
+    assert render_dataset("--data", "builtin-default", "--output", folder, "--num-images", 2, "--image-size", 8,
+                          "--depth") == 0
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    render_frame, calls = dataset.render_frame, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return render_frame(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "render_frame", failing)
+    for output, extra in ((folder, ["--overwrite"]), (tmp_path / "new", [])):
+        calls.clear()
+        assert render_dataset("--data", "builtin-default", "--output", output, "--num-images", 4, "--image-size", 8,
+                              "--masks", *extra) == 1
+        assert "disk full" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"] and not list(folder.rglob(".*"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,16 +11,16 @@ expect, in world units / `depth_unit_scale_factor` = 1e-3, nerfstudio's default,
 
 Frames render through `rendering.images` (`camera_rays` + `render_image`) with the scene's field (a run's model:
 its field cache, time and empty-space skipping; raw voxels: trilinear sampling, skipping by min/max macrocells).
-A set is written into a hidden folder beside the output and moved into place when complete: an interrupted run
-leaves no half-written dataset.
+Writing follows safe_write.py's rule: a folder holding files only with `overwrite` (which replaces only our
+entries), never over the run's or volume's files (not even with `overwrite`), each image folder rendered into a hidden
+folder and moved into place when complete, `transforms.json` published last: an interrupted run leaves what was
+there and no half-written dataset.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,12 +36,14 @@ from gridinr_nerfstudio.rendering.images import camera_rays, render_image, to_ui
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import estimate_normals
 from gridinr_nerfstudio.rendering.settings import RenderSettings
+from gridinr_nerfstudio.safe_write import OutputError, ProtectedFiles, check_target, staged_folder, staged_outputs
 
 DEPTH_UNIT_SCALE_FACTOR = 1e-3
 """Depth PNGs hold world units / this (nerfstudio's default `depth_unit_scale_factor`: read them unchanged)."""
 MAX_DEPTH = 65535 * DEPTH_UNIT_SCALE_FACTOR
-OUTPUT_ENTRIES = ("transforms.json", "images", "depth", "normals", "masks")
-"""What a dataset folder holds of ours (the only entries `--overwrite` replaces)."""
+IMAGE_FOLDERS = ("images", "depth", "normals", "masks")
+FRAME_PATTERN = "frame_*.png"
+"""What a dataset folder holds of ours besides transforms.json (the only files `--overwrite` replaces)."""
 
 
 class DatasetError(Exception):
@@ -187,10 +189,11 @@ def render_frame(scene, cameras, index: int, appearance: dict[str, Any], outputs
     return result
 
 
-def check_output_folder(output: Path, overwrite: bool, inputs: list[Path]) -> None:
+def check_output_folder(output: Path, overwrite: bool, inputs: list[Path],
+                        protected: Optional[ProtectedFiles] = None) -> None:
     """Refuse to write where it would lose something: into a folder holding files unless `overwrite` (which then
-    replaces only a dataset's own entries), into or above a run's or volume's files ever, or where one cannot write.
-    Creates nothing."""
+    replaces only a dataset's own entries), into or above a run's or volume's folder, over any file in `protected`
+    (the files the command reads) ever, or where one cannot write. Creates nothing."""
     output = Path(output)
     resolved = output.resolve()
     for source in inputs:
@@ -201,48 +204,66 @@ def check_output_folder(output: Path, overwrite: bool, inputs: list[Path]) -> No
         raise DatasetError(f"{output}: exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise DatasetError(f"{output}: folder is not empty (pass --overwrite to replace its dataset files)")
-    existing = output
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DatasetError(f"{output}: cannot write there ({existing} is not a writable folder)")
+    try:
+        check_target(output / "transforms.json", overwrite, protected)
+        for folder in IMAGE_FOLDERS:
+            for path in (output / folder).glob(FRAME_PATTERN):
+                check_target(path, overwrite, protected)
+    except OutputError as error:
+        raise DatasetError(str(error)) from None
 
 
 def write_dataset(scene, camera_set: CameraSet, frames: list[Frame], appearances: list[dict[str, Any]],
                   output: Path, outputs: DatasetOutputs, overwrite: bool = False, description: Optional[dict] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  protected: Optional[ProtectedFiles] = None) -> Path:
     """Render every frame and write the dataset folder; returns its transforms.json. `appearances[i]` is frame i's
-    look, `description` goes into the `gridinr` block."""
+    look, `description` goes into the `gridinr` block, `protected` the files never to write over."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    check_output_folder(output, overwrite, [], protected)
+    folders = ("images",) + tuple(name for name, on in (("depth", outputs.depth), ("normals", outputs.normals),
+                                                         ("masks", outputs.masks)) if on)
     try:
-        for folder in ("images",) + tuple(name for name, on in (("depth", outputs.depth), ("normals", outputs.normals),
-                                                                  ("masks", outputs.masks)) if on):
-            (staging / folder).mkdir()
-        cameras = camera_set.cameras().to(scene.aabb.device)
-        entries = []
-        for number, (frame, appearance) in enumerate(zip(frames, appearances)):
-            scene.show(frame.scene_time)
-            images = render_frame(scene, cameras, frame.camera, appearance, outputs, scene.base.num_samples)
-            entries.append(_write_frame(staging, number, frame, camera_set, appearance, images, outputs))
-            if progress is not None:
-                progress(number + 1, len(frames))
-        transforms = transforms_json(camera_set, entries, outputs, dict(description or {}, source=scene.origin,
-                                                                       scene_box=scene.aabb.cpu().tolist()))
-        (staging / "transforms.json").write_text(json.dumps(transforms, indent=2))
-        _move_into_place(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with ExitStack() as stack:  # published in reverse order of entry: the image folders, then transforms.json
+            (transforms_file,) = stack.enter_context(staged_outputs([output / "transforms.json"], overwrite, protected))
+            staging = {name: stack.enter_context(staged_folder(output / name, FRAME_PATTERN, overwrite, protected))
+                       for name in folders}
+            cameras = camera_set.cameras().to(scene.aabb.device)
+            entries = []
+            for number, (frame, appearance) in enumerate(zip(frames, appearances)):
+                scene.show(frame.scene_time)
+                images = render_frame(scene, cameras, frame.camera, appearance, outputs, scene.base.num_samples)
+                entries.append(_write_frame(staging, number, frame, camera_set, appearance, images, outputs))
+                if progress is not None:
+                    progress(number + 1, len(frames))
+            transforms = transforms_json(camera_set, entries, outputs, dict(description or {}, source=scene.origin,
+                                                                           scene_box=scene.aabb.cpu().tolist()))
+            transforms_file.write_text(json.dumps(transforms, indent=2))
+        _remove_stale_frames(output, [name for name in IMAGE_FOLDERS if name not in folders], protected)
+    except OutputError as error:
+        raise DatasetError(str(error)) from None
     return output / "transforms.json"
 
 
-def _write_frame(folder: Path, number: int, frame: Frame, camera_set: CameraSet, appearance: dict[str, Any],
+def _remove_stale_frames(output: Path, folders: list[str], protected: Optional[ProtectedFiles]) -> None:
+    """After `--overwrite`: the frames of image kinds this set has not (an older set's depth/, ...), which would
+    otherwise sit beside a transforms.json that does not name them; other files stay."""
+    for name in folders:
+        for path in sorted((output / name).glob(FRAME_PATTERN)):
+            check_target(path, True, protected)
+            path.unlink()
+        try:
+            (output / name).rmdir()
+        except OSError:
+            pass
+
+
+def _write_frame(folders: dict[str, Path], number: int, frame: Frame, camera_set: CameraSet, appearance: dict[str, Any],
                  images: dict[str, np.ndarray], outputs: DatasetOutputs) -> dict[str, Any]:
     import imageio.v3 as imageio
 
     name = f"frame_{number:05d}.png"
-    imageio.imwrite(folder / "images" / name, to_uint8(images["rgb"]), extension=".png")
+    imageio.imwrite(folders["images"] / name, to_uint8(images["rgb"]), extension=".png")
     pose = np.eye(4)
     pose[:3] = camera_set.camera_to_worlds[frame.camera].double().numpy()
     entry: dict[str, Any] = {"file_path": f"images/{name}", "transform_matrix": pose.tolist()}
@@ -254,15 +275,15 @@ def _write_frame(folder: Path, number: int, frame: Frame, camera_set: CameraSet,
     seen = images["accumulation"] >= outputs.mask_threshold
     if outputs.depth:
         depth = np.where(seen, np.clip(images["z_depth"], 0.0, MAX_DEPTH), 0.0)
-        imageio.imwrite(folder / "depth" / name, np.rint(depth / DEPTH_UNIT_SCALE_FACTOR).astype(np.uint16),
+        imageio.imwrite(folders["depth"] / name, np.rint(depth / DEPTH_UNIT_SCALE_FACTOR).astype(np.uint16),
                         extension=".png")
         entry["depth_file_path"] = f"depth/{name}"
     if outputs.normals:
         normals = np.where(seen[..., None], (images["normals"] + 1.0) / 2.0, 0.0)
-        imageio.imwrite(folder / "normals" / name, to_uint8(normals), extension=".png")
+        imageio.imwrite(folders["normals"] / name, to_uint8(normals), extension=".png")
         entry["normal_file_path"] = f"normals/{name}"
     if outputs.masks:
-        imageio.imwrite(folder / "masks" / name, np.where(seen, 255, 0).astype(np.uint8), extension=".png")
+        imageio.imwrite(folders["masks"] / name, np.where(seen, 255, 0).astype(np.uint8), extension=".png")
         entry["mask_path"] = f"masks/{name}"
     if camera_set.records:
         entry["camera"] = camera_set.records[frame.camera]
@@ -296,19 +317,3 @@ def transforms_json(camera_set: CameraSet, entries: list[dict[str, Any]], output
         "masks": "255 where accumulation >= mask_threshold, else 0 (nerfstudio ignores 0)",
     })
     return transforms
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    """The finished set into `output`: renamed when the folder is new; else each of our entries replaced (others kept)."""
-    if not output.exists():
-        os.rename(staging, output)
-        return
-    for entry in OUTPUT_ENTRIES:
-        old = output / entry
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
-        if (staging / entry).exists():
-            os.rename(staging / entry, old)
-

@@ -229,16 +229,21 @@ def check_output(output: Path, overwrite: bool = False) -> None:
 
 def load_model(config_path: Path):
     """The run's model (inference mode: no image datasets loaded)."""
+    return load_run_model(config_path)[0]
+
+
+def load_run_model(config_path: Path):
+    """(model, checkpoint path) of a run (inference mode: no image datasets loaded)."""
     from gridinr_nerfstudio.runs import RunConfigError, load_run_pipeline
     from gridinr_nerfstudio.stages.base_model import StageModel
 
     try:
-        _, pipeline, _, _ = load_run_pipeline(config_path, test_mode="inference")
+        _, pipeline, checkpoint, _ = load_run_pipeline(config_path, test_mode="inference")
     except (RunConfigError, FileNotFoundError) as error:
         raise RenderError(str(error)) from None
     if not isinstance(pipeline.model, StageModel):
         raise RenderError(f"{config_path}: not a gridinr run (model {type(pipeline.model).__name__})")
-    return pipeline.model
+    return pipeline.model, checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,31 +187,39 @@ def selected_steps(spec: Optional[str], available: list[int], where: Path) -> li
 
 
 def open_scene(args: argparse.Namespace):
-    """The scene to render and the steps selected."""
+    """The scene to render, the steps selected and the files it reads (never written over)."""
     if args.load_config is not None:
-        from gridinr_nerfstudio.scripts.render import RenderError, load_model
+        from gridinr_nerfstudio.export.source import run_inputs
+        from gridinr_nerfstudio.scripts.render import RenderError, load_run_model
 
         if not args.load_config.is_file():
             raise DatasetError(f"{args.load_config}: no such config file (give a run's config.yml)")
         try:
-            model = load_model(args.load_config)
+            model, checkpoint = load_run_model(args.load_config)
         except RenderError as error:
             raise DatasetError(str(error)) from None
         stage = "gridinr-edit" if hasattr(model, "transfer_mlp") else "gridinr-fit"
         scene = RunScene(model, f"{stage} run {args.load_config}")
         if args.num_samples is not None:
             scene.base = replace(scene.base, num_samples=args.num_samples)
-        return scene, selected_steps(args.timesteps, scene.steps, args.load_config)
+        return scene, selected_steps(args.timesteps, scene.steps, args.load_config), \
+            run_inputs(args.load_config, checkpoint, model)
     from gridinr_nerfstudio.data.default_volume import is_builtin, open_data
     from gridinr_nerfstudio.data.timesteps import parse_timesteps, share_value_range
     from gridinr_nerfstudio.data.volume_io import read_info
+    from gridinr_nerfstudio.export.source import volume_input_files
+    from gridinr_nerfstudio.safe_write import ProtectedFiles
 
     total = 1 if is_builtin(args.data) else read_info(args.data).total_samples
     steps = parse_timesteps(args.timesteps, 1, total, args.data)
     volumes = [open_data(args.data, variable=args.variable, timestep=step) for step in steps]
     share_value_range(volumes)
     settings = RenderSettings(num_samples=args.num_samples or RenderSettings().num_samples)
-    return VolumeScene(volumes, steps, settings, f"volume {args.data}"), steps
+    inputs = ProtectedFiles()
+    for volume in volumes:
+        for path, what in volume_input_files(volume):
+            inputs.add(path, what.replace("the run's volume", "the volume"))
+    return VolumeScene(volumes, steps, settings, f"volume {args.data}"), steps, inputs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
         check_options(options)
         ramp = parse_ramp(args.opacity_ramp) if args.opacity_ramp is not None else None
         camera_set = camera_set_of(args)
-        scene, steps = open_scene(args)
+        scene, steps, protected = open_scene(args)
+        check_output_folder(args.output, args.overwrite, inputs, protected)
         if ramp is not None:
             scene.base = replace(scene.base, opacity_low=ramp[0], opacity_high=ramp[1], opacity_scale=ramp[2])
         if scene.learned_look and (options.changes_transfer_function() or ramp is not None):
@@ -249,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         }
         with _progress(len(frames)) as advance:
             transforms = write_dataset(scene, camera_set, frames, appearances, args.output, outputs,
-                                       overwrite=args.overwrite, description=description, progress=advance)
+                                       overwrite=args.overwrite, description=description, progress=advance,
+                                       protected=protected)
     except (DatasetError, CameraSpecError, AppearanceError, VolumeError, OSError) as error:
         print(f"gridinr-render: error: {error}", file=sys.stderr)
         return 1
