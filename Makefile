@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/pip install -q -c constraints.txt $(TORCH)
 	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev'] + p['optional-dependencies']['bench']))" > $(VENV)/requirements.txt
 	$(BIN)/pip install -q -c constraints.txt -r $(VENV)/requirements.txt
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)

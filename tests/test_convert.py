@@ -81,7 +81,7 @@ def test_never_over_a_file_unasked_nor_over_the_input(tmp_path: Path, capsys):
     existing = tmp_path / "out.nrrd"
     existing.write_bytes(b"keep me")
     assert data_cli.main(["convert", str(source), str(existing)]) == 1
-    assert "already exists (pass --overwrite" in capsys.readouterr().err and existing.read_bytes() == b"keep me"
+    assert "exists (use --overwrite" in capsys.readouterr().err and existing.read_bytes() == b"keep me"
     assert data_cli.main(["convert", str(source), str(existing), "--overwrite"]) == 0
     np.testing.assert_array_equal(nrrd.read(str(existing), index_order="C")[0], array)
     assert data_cli.main(["convert", str(source), str(source), "--overwrite"]) == 1  # the input: never
@@ -95,6 +95,15 @@ def test_never_over_a_file_unasked_nor_over_the_input(tmp_path: Path, capsys):
     assert "lies inside the input" in capsys.readouterr().err
     assert data_cli.main(["convert", str(source), str(tmp_path / "x.tiff")]) == 1
     assert "unknown output type '.tiff'" in capsys.readouterr().err
-    assert data_cli.main(["convert", str(source), str(tmp_path / "missing" / "x.npy")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    linked = tmp_path / "linked.npy"  # another name for the input's bytes: still the input
+    linked.hardlink_to(source)
+    assert data_cli.main(["convert", str(source), str(linked), "--overwrite"]) == 1
+    assert "the input volume" in capsys.readouterr().err and linked.read_bytes() == source.read_bytes()
+    assert data_cli.main(["convert", str(source), str(tmp_path / "missing" / "x.npy")]) == 0  # folders made, as
+    np.testing.assert_array_equal(np.load(tmp_path / "missing" / "x.npy"), array)  # every export does
+    (tmp_path / "ds2" / "dataset.json").parent.mkdir()
+    (tmp_path / "ds2" / "dataset.json").write_text("keep")
+    assert data_cli.main(["convert", str(source), str(tmp_path / "ds2.raw")]) == 1  # a dataset folder's files too
+    assert "exists (use --overwrite" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "ds2").rglob("*")] == ["dataset.json"]
     assert not [p for p in tmp_path.rglob(".*partial*")]

@@ -126,7 +126,7 @@ def test_run_written_by_the_old_flat_layout_still_loads(tmp_path):
 
 LAYERS = {
     "data.volume_io": 0, "data.readers": 0, "data.default_volume": 0, "data.orbit_cameras": 0, "data.file_digest": 0,
-    "data.timesteps": 0, "safe_write": 0,
+    "data.timesteps": 0, "data.camera_distributions": 0, "safe_write": 0,
     "fields": 1, "transfer": 1, "device_defaults": 1, "distributed": 1, "helper_modules": 1,
     "rendering": 2,
     "data.dataparser": 3, "eval": 3, "runs": 3,

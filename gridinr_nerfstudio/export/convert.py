@@ -5,15 +5,15 @@ with the volume.
 Values are the file's own, in its dtype (float16 becomes float32 in .vti and NRRD, which have no half type).
 Where the file packs its values (NIfTI scl_slope/scl_inter, CF scale_factor/add_offset/_FillValue), the output
 holds the unpacked values as float32 (fill values as NaN), since none of the outputs can carry the packing.
-Spacing and origin are kept (.npy has no room for them). The output is written to a temporary name beside it and
-renamed when complete; an existing output is replaced only with `overwrite`, and the input never.
+Spacing and origin are kept (.npy has no room for them). Writing follows safe_write.py's rule: the output is written
+to a temporary name beside it and renamed when complete (a dataset folder's raw file first, dataset.json last); an
+existing output file is replaced only with `overwrite`; the input's files never (by path or by identity: links),
+and nothing is written into or over a folder that holds the input (a dataset folder, a Zarr store).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gridinr_nerfstudio.data.volume_io import VolumeError, VolumeInfo, Voxels, open_voxels, z_slabs
+from gridinr_nerfstudio.safe_write import OutputError, ProtectedFiles, check_target, staged_outputs
 
 OUTPUT_SUFFIXES = (".nrrd", ".vti", ".npy", ".raw")
 SLAB_VOXELS = 1 << 22
@@ -40,32 +41,40 @@ class Conversion:
     bytes_written: int
 
 
-def checked_destination(output: Path, inputs: list[Path], overwrite: bool) -> Path:
-    """Where `output` lands (the dataset folder for .raw), refusing an existing one without `overwrite` and any
-    that is, holds or lies inside an input. One rule, kept here until the shared safe-write helper lands."""
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+def output_files(output: Path, variable: str) -> tuple[Path, list[Path]]:
+    """(where `output` lands, the files written there in publishing order): the file itself, or for .raw the dataset
+    folder's raw file and then its dataset.json."""
+    suffix = output.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
         raise VolumeError(f"{output}: unknown output type {output.suffix or '(none)'!r} "
                           f"(use {' '.join(OUTPUT_SUFFIXES)}; .raw writes a dataset folder)")
-    target = output.with_suffix("") if output.suffix.lower() == ".raw" else output
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise VolumeError(f"{output}: cannot write: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise VolumeError(f"{output}: cannot write: folder {parent} is not writable")
+    if suffix != ".raw":
+        return output, [output]
+    folder, var = output.with_suffix(""), variable.replace("/", "_")
+    return folder, [folder / var / f"{folder.name}-{var}-1.raw", folder / "dataset.json"]
+
+
+def input_files(info: VolumeInfo, voxels: Voxels) -> ProtectedFiles:
+    """The files a conversion reads: never written over, not even with --overwrite."""
+    protected = ProtectedFiles([(Path(voxels.source_file), "the input volume")])
+    if Path(info.path).is_dir():
+        protected.add(Path(info.path) / "dataset.json", "the input's dataset.json")
+    elif Path(info.path) != Path(voxels.source_file):
+        protected.add(Path(info.path), "the input's header file")
+    return protected
+
+
+def check_folders(target: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, holds or lies inside an input folder (a dataset folder, a Zarr store): files of
+    the input are also protected one by one (`input_files`), this keeps a conversion out of the input's folders."""
     resolved = target.resolve()
     for source in inputs:
         source = source.resolve()
         clash = "is the input" if resolved == source else "lies inside the input" if \
-            resolved.is_relative_to(source) else "holds the input" if source.is_relative_to(resolved) else None
+            resolved.is_relative_to(source) and source.is_dir() else "holds the input" if \
+            source.is_relative_to(resolved) else None
         if clash:
             raise VolumeError(f"{target}: {clash} {source}; write the conversion elsewhere")
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise VolumeError(f"{target}: already exists (pass --overwrite to replace it)")
-        if target.is_dir() != (output.suffix.lower() == ".raw"):
-            raise VolumeError(f"{target}: exists and is a {'folder' if target.is_dir() else 'file'}; "
-                              "not replacing it with a different kind")
-    return target
 
 
 def _slabs(voxels: Voxels, dtype: np.dtype, unpack: bool) -> Iterator[np.ndarray]:
@@ -85,40 +94,28 @@ def convert_volume(source: Path, output: Path, variable: str | None = None, time
                    overwrite: bool = False) -> Conversion:
     """Rewrite one variable/time step of `source` as `output` (type by suffix); see the module docstring."""
     info, variable, voxels = open_voxels(source, variable, timestep)
-    inputs = [info.path, Path(voxels.source_file)]
-    target = checked_destination(Path(output), inputs, overwrite)
+    target, files = output_files(Path(output), variable)
+    protected = input_files(info, voxels)
+    check_folders(target, [Path(info.path), Path(voxels.source_file)])
     unpack = voxels.value_scale != 1.0 or voxels.value_offset != 0.0 or voxels.fill_value is not None
     suffix = Path(output).suffix.lower()
     dtype = np.dtype(np.float32) if unpack else np.dtype(info.dtype)
     if dtype == np.float16 and suffix in (".vti", ".nrrd"):
         dtype = np.dtype(np.float32)
     dtype = dtype.newbyteorder("<")
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    writer = {".nrrd": _write_nrrd, ".vti": _write_vti, ".npy": _write_npy, ".raw": _write_dataset}[suffix]
     try:
-        writer(partial, _slabs(voxels, dtype, unpack), info, variable, timestep, dtype, target.name)
-        _replace(partial, target)
+        with staged_outputs(files, overwrite, protected) as temporaries:
+            slabs = _slabs(voxels, dtype, unpack)
+            if suffix == ".raw":
+                _write_dataset(temporaries, slabs, info, variable, timestep, dtype, target.name)
+            else:
+                writer = {".nrrd": _write_nrrd, ".vti": _write_vti, ".npy": _write_npy}[suffix]
+                writer(temporaries[0], slabs, info, variable, timestep, dtype, target.name)
+    except OutputError as error:
+        raise VolumeError(str(error)) from None
     except OSError as error:
         raise VolumeError(f"{target}: cannot write ({error.strerror or error})") from None
-    finally:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        elif partial.exists():
-            partial.unlink()
-    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) if target.is_dir() else \
-        target.stat().st_size
-    return Conversion(target, info, variable, timestep, dtype.name, unpack, size)
-
-
-def _replace(partial: Path, target: Path) -> None:
-    """Move the complete output into place (a folder replaces an old one only after it is complete)."""
-    if partial.is_dir() and target.is_dir():
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(retired)
-        partial.rename(target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(partial, target)
+    return Conversion(target, info, variable, timestep, dtype.name, unpack, sum(path.stat().st_size for path in files))
 
 
 def _content(info: VolumeInfo, variable: str, timestep: int) -> str:
@@ -159,17 +156,16 @@ def _write_vti(path: Path, slabs: Iterator[np.ndarray], info: VolumeInfo, variab
     write_vti(path, slabs, info.dims, info.spacing, dtype, name=variable.replace("/", "_"), origin=info.origin)
 
 
-def _write_dataset(folder: Path, slabs: Iterator[np.ndarray], info: VolumeInfo, variable: str, timestep: int,
+def _write_dataset(files: list[Path], slabs: Iterator[np.ndarray], info: VolumeInfo, variable: str, timestep: int,
                    dtype: np.dtype, name: str) -> None:
-    """Our dataset format: FOLDER/dataset.json and FOLDER/VAR/NAME-VAR-1.raw (x fastest, little endian), NAME the
-    output folder's name."""
+    """Our dataset format: FOLDER/VAR/NAME-VAR-1.raw (x fastest, little endian) and FOLDER/dataset.json, NAME the
+    output folder's name (`files`: where to write the two)."""
     var = variable.replace("/", "_")
-    (folder / var).mkdir(parents=True)
-    with open(folder / var / f"{name}-{var}-1.raw", "wb") as handle:
+    with open(files[0], "wb") as handle:
         for slab in slabs:
             handle.write(np.ascontiguousarray(slab).tobytes())
     meta = {"name": name, "dims": list(info.dims), "vars": [var], "total_samples": 1, "dtype": dtype.name,
             "spacing": list(info.spacing), "description": _content(info, variable, timestep)}
     if any(o != 0.0 for o in info.origin):
         meta["origin"] = list(info.origin)
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    files[1].write_text(json.dumps(meta, indent=2) + "\n")

@@ -7,6 +7,8 @@ as nerfstudio's `apply_depth_colormap` does over white. Writes a video (.mp4, .m
 through imageio-ffmpeg), a .gif, or a folder of PNG frames (an output path without a suffix). An existing output
 is replaced only with --overwrite, and appears only when complete (safe_write.py).
 
+`gridinr-render dataset` (rendered training sets in nerfstudio's format) lives in render_dataset.py.
+
 Bad input ends with exit status 1 and one line on stderr, never a traceback.
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from gridinr_nerfstudio.rendering.images import to_uint8
+from gridinr_nerfstudio.scripts import render_dataset
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 FRAME_PATTERN = "frame_*.png"
@@ -36,8 +39,10 @@ class RenderError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gridinr-render", description="Videos of trained gridinr runs.")
+    parser = argparse.ArgumentParser(prog="gridinr-render",
+                                     description="Videos of trained gridinr runs, and rendered training sets.")
     commands = parser.add_subparsers(dest="command", required=True)
+    render_dataset.add_parser(commands)
     orbit = commands.add_parser("orbit", help="circle (or spiral) around the volume, looking at its centre")
     orbit.add_argument("--load-config", type=Path, required=True, help="the run's config.yml (as for ns-eval)")
     orbit.add_argument("--output", type=Path, required=True,
@@ -224,22 +229,29 @@ def check_output(output: Path, overwrite: bool = False) -> None:
 
 def load_model(config_path: Path):
     """The run's model (inference mode: no image datasets loaded)."""
+    return load_run_model(config_path)[0]
+
+
+def load_run_model(config_path: Path):
+    """(model, checkpoint path) of a run (inference mode: no image datasets loaded)."""
     from gridinr_nerfstudio.runs import RunConfigError, load_run_pipeline
     from gridinr_nerfstudio.stages.base_model import StageModel
 
     try:
-        _, pipeline, _, _ = load_run_pipeline(config_path, test_mode="inference")
+        _, pipeline, checkpoint, _ = load_run_pipeline(config_path, test_mode="inference")
     except (RunConfigError, FileNotFoundError) as error:
         raise RenderError(str(error)) from None
     if not isinstance(pipeline.model, StageModel):
         raise RenderError(f"{config_path}: not a gridinr run (model {type(pipeline.model).__name__})")
-    return pipeline.model
+    return pipeline.model, checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     from gridinr_nerfstudio.safe_write import OutputError
 
     args = build_parser().parse_args(argv)
+    if args.command == "dataset":
+        return render_dataset.run(args)
     try:
         check_arguments(args)
         model = load_model(args.load_config)

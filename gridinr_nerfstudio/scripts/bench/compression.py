@@ -8,7 +8,11 @@ each for the same wall-time budget with the method's sampler, optimizers and lea
 - ``downsampled``: the volume area-averaged to the most voxels that fit the budget in its own dtype, then
   trilinearly upsampled back (voxel centres aligned, as our coordinates are);
 - ``downsampled fp16``: the same with the voxels stored as float16 (at budgets above the volume's fp16 size this
-  is the whole volume cast to float16).
+  is the whole volume cast to float16);
+- ``SZ3`` (PSNR mode, target searched to fill the budget) and ``ZFP`` (fixed rate) on the normalised volume, the
+  lossy compressors scientists use (`lossy_compressors.py`; skipped with a note when pysz / zfpy are missing).
+
+``--ratios`` adds rows without an INR: the baselines and compressors at those compression ratios.
 
 "lossless" means the raw volume itself fits the budget: the INR does not compress it at that size. The compression
 ratio is the raw volume's bytes (its own dtype) over the model's. Fits are short by default (``--seconds``): the
@@ -30,6 +34,7 @@ from gridinr_nerfstudio.data.volume_io import Volume, scene_aabb
 from gridinr_nerfstudio.export.model import half_precision_copy
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
+from gridinr_nerfstudio.scripts.bench import lossy_compressors
 from gridinr_nerfstudio.scripts.bench.fit import Contender
 from gridinr_nerfstudio.scripts.bench.timing import Clock
 from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
@@ -56,7 +61,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=BUILTIN_DEFAULT, help="volume (default: the built-in one)")
     parser.add_argument("--seconds", type=float, default=20.0, help="training wall time per model size")
     parser.add_argument("--batch", type=int, default=1 << 16, help="points per training step")
-    parser.add_argument("--tiers", default="small,medium,large", help=f"comma-separated subset of {', '.join(TIERS)}")
+    parser.add_argument("--tiers", default="small,medium,large",
+                        help=f"comma-separated subset of {', '.join(TIERS)}, or none (only --ratios rows)")
+    parser.add_argument("--ratios", default="",
+                        help="also these compression ratios (comma-separated, e.g. 8,16,64,128) for the baselines and "
+                             "SZ3/ZFP, without an INR")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch's default)")
     return parser
 
@@ -114,56 +123,109 @@ def train(settings: VolumeFieldSettings, volume: Volume, aabb: torch.Tensor, sec
     return contender
 
 
+def baseline_columns(volume: Volume, target: torch.Tensor, budget: int, notes: dict[str, str]) -> dict:
+    """Downsampling (own dtype, fp16), SZ3 and ZFP at `budget` bytes: PSNR (dB), grid / bytes / setting.
+
+    A budget at least the raw volume's size is lossless for all of them (the raw volume fits)."""
+    own_dtype = np.dtype(volume.info.dtype)
+    down, down_grid = downsample_psnr(volume, target, budget, own_dtype)
+    down16, down16_grid = downsample_psnr(volume, target, budget, np.dtype(np.float16))
+    columns = {"downsampled_psnr_db": down, "downsampled_grid": down_grid,
+               "downsampled_fp16_psnr_db": down16, "downsampled_fp16_grid": down16_grid}
+    raw_fits = budget >= int(np.prod(volume.info.dims)) * own_dtype.itemsize
+    normalized = target.numpy()
+    for name, compress in (("SZ3", lossy_compressors.sz3_at_budget), ("ZFP", lossy_compressors.zfp_at_budget)):
+        key = name.lower()
+        reason = lossy_compressors.missing(name)
+        if reason is not None:
+            notes[name] = reason
+            result = None
+        elif raw_fits:
+            result = lossy_compressors.Compressed(budget, math.inf, "raw volume fits")
+        else:
+            result = compress(normalized, budget)
+        columns[f"{key}_psnr_db"] = None if result is None else result.psnr_db
+        columns[f"{key}_bytes"] = None if result is None else result.bytes
+        columns[f"{key}_setting"] = ("not installed" if reason is not None else "does not fit" if result is None
+                                     else result.setting)
+    return columns
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     volume = open_data(args.data)
     aabb = scene_aabb(volume)
     target = torch.from_numpy(volume.normalized_array())
-    own_dtype, half = np.dtype(volume.info.dtype), np.dtype(np.float16)
+    own_dtype = np.dtype(volume.info.dtype)
     volume_bytes = int(np.prod(volume.info.dims)) * own_dtype.itemsize
-    tiers = [name.strip() for name in args.tiers.split(",") if name.strip()]
+    tiers = [name.strip() for name in args.tiers.split(",") if name.strip() and name.strip().lower() != "none"]
     unknown = [name for name in tiers if name not in TIERS]
     if unknown:
         raise SystemExit(f"gridinr-bench compression: unknown tier(s) {', '.join(unknown)} (use {', '.join(TIERS)})")
+    try:
+        ratios = [float(r) for r in str(getattr(args, "ratios", "") or "").split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit(f"gridinr-bench compression: --ratios {args.ratios!r}: comma-separated numbers") from None
+    if any(r <= 0 for r in ratios):
+        raise SystemExit("gridinr-bench compression: --ratios must be > 0")
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}, {volume_bytes:,} bytes; "
           f"{args.seconds:g} s of training per size, batch {args.batch}, torch threads {torch.get_num_threads()}",
           flush=True)
-    rows = []
+    rows, notes = [], {}
     for name in tiers:
         contender = train(TIERS[name], volume, aabb, args.seconds, args.batch)
         field = contender.model.eval()
         params = sum(p.numel() for p in field.parameters())
         for precision, model, bytes_per_param in (("fp32", field, 4), ("fp16", half_precision_copy(field), 2)):
             budget = params * bytes_per_param
-            down, down_grid = downsample_psnr(volume, target, budget, own_dtype)
-            down16, down16_grid = downsample_psnr(volume, target, budget, half)
             rows.append({
                 "tier": name, "precision": precision, "params": params, "bytes": budget,
                 "compression_ratio": volume_bytes / budget, "iterations": contender.iterations,
                 "train_seconds": contender.seconds, "inr_psnr_db": volume_psnr(model.forward_unit, volume),
-                "downsampled_psnr_db": down, "downsampled_grid": down_grid,
-                "downsampled_fp16_psnr_db": down16, "downsampled_fp16_grid": down16_grid,
+                **baseline_columns(volume, target, budget, notes),
             })
         print(f"  {name}: {params:,} parameters, {contender.iterations} iterations in {contender.seconds:.1f} s",
               flush=True)
+    for ratio in ratios:
+        budget = int(volume_bytes / ratio)
+        rows.append({"tier": f"ratio {ratio:g}", "precision": "", "params": None, "bytes": budget,
+                     "compression_ratio": volume_bytes / budget, "iterations": None, "train_seconds": None,
+                     "inr_psnr_db": None, **baseline_columns(volume, target, budget, notes)})
     print_table(rows)
-    return {"rows": rows, "config": {"data": str(args.data), "dims": list(volume.info.dims), "dtype": volume.info.dtype,
-                                     "volume_bytes": volume_bytes, "seconds": args.seconds, "batch": args.batch,
-                                     "threads": torch.get_num_threads(),
-                                     "tiers": {name: vars(TIERS[name]) for name in tiers}}}
+    for note in notes.values():
+        print(f"note: {note}")
+    return {"rows": rows, "notes": list(notes.values()),
+            "config": {"data": str(args.data), "dims": list(volume.info.dims), "dtype": volume.info.dtype,
+                       "volume_bytes": volume_bytes, "seconds": args.seconds, "batch": args.batch,
+                       "threads": torch.get_num_threads(), "ratios": ratios,
+                       "tiers": {name: vars(TIERS[name]) for name in tiers}}}
 
 
-def _psnr(value: float) -> str:
+def _psnr(value: float | None) -> str:
+    if value is None:
+        return "-"
     return "lossless" if math.isinf(value) else f"{value:.2f}"
 
 
+def _compressed(row: dict, key: str) -> str:
+    value = row.get(f"{key}_psnr_db")
+    if value is None:
+        return f"- ({row.get(f'{key}_setting') or 'not run'})"
+    if math.isinf(value):
+        return "lossless"
+    return f"{value:.2f} ({row[f'{key}_bytes']:,} B)"
+
+
 def print_table(rows: list[dict]) -> None:
-    header = ["model", "params", "bytes", "ratio", "INR dB", "downsampled dB (grid)", "downsampled fp16 dB (grid)"]
+    header = ["model", "params", "bytes", "ratio", "INR dB", "downsampled dB (grid)", "downsampled fp16 dB (grid)",
+              "SZ3 dB (bytes)", "ZFP dB (bytes)"]
     print("| " + " | ".join(header) + " |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['tier']} {row['precision']} | {row['params']:,} | {row['bytes']:,} | "
-              f"{row['compression_ratio']:.3g} | {row['inr_psnr_db']:.2f} | "
+        params = "-" if row["params"] is None else f"{row['params']:,}"
+        print(f"| {row['tier']} {row['precision']} | {params} | {row['bytes']:,} | "
+              f"{row['compression_ratio']:.3g} | {_psnr(row['inr_psnr_db'])} | "
               f"{_psnr(row['downsampled_psnr_db'])} ({row['downsampled_grid']}) | "
-              f"{_psnr(row['downsampled_fp16_psnr_db'])} ({row['downsampled_fp16_grid']}) |")
+              f"{_psnr(row['downsampled_fp16_psnr_db'])} ({row['downsampled_fp16_grid']}) | "
+              f"{_compressed(row, 'sz3')} | {_compressed(row, 'zfp')} |")

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
 
         if not vtk_available():
             raise SystemExit("gridinr-bench render --against vtk: the vtk package is not installed "
-                             "(pip install 'gridinr-nerfstudio[bench]')")
+                             "(pip install 'gridinr-nerfstudio[vtk]')")
     clock = Clock(device)
     _, pipeline, _, _ = load_run_pipeline(args.load_config, test_mode="test", device=device)
     model = pipeline.model

@@ -12,7 +12,7 @@ points in the data's units with ParaView's opacity unit distance, linear interpo
 background. Where the settings differ (said in README, "Benchmarks"): VTK steps a fixed world distance
 (`sample_distance`, one voxel by default) where we split each ray into `num_samples` bins; it stops a ray once its
 remaining opacity is below 0xff / 0x7fff (0.0078) where we stop below 1e-4; it accumulates in 15-bit fixed point.
-``vtk`` is an optional bench extra (``pip install gridinr-nerfstudio[bench]``), never a plugin dependency.
+``vtk`` is an optional extra (``pip install gridinr-nerfstudio[vtk]``, not installed by make), never a plugin dependency.
 """
 
 from __future__ import annotations
