@@ -61,7 +61,8 @@ def test_step_grids_and_blends_between_steps():
     """At step k's time the field reads step k's grid (per-point and one-time paths agree); between two steps it
     blends their grids' features linearly; the shared grid and the MLP serve every step."""
     torch.manual_seed(0)
-    settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=12, max_resolution=32, hidden_dim=16, backend="cpp")
+    settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=12, max_resolution=32, hidden_dim=16, backend="cpp",
+                                   time_field="step_grids")
     field = VolumeField(torch.tensor([[-1.0] * 3, [1.0] * 3]), settings, num_times=3)
     unit = torch.rand(300, 3)
     for grid in field.step_encodings:

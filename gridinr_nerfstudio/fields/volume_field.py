@@ -16,6 +16,13 @@ from torch import nn
 
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
+from gridinr_nerfstudio.fields.time_features import (
+    DeformationOffsets,
+    MultiScaleKPlanes,
+    TimeField,
+    blend_step_grids,
+)
+from gridinr_nerfstudio.fields.time_hash_grid import TimeHashGrid
 
 LOSS_SCALE = 1024.0
 """Static gradient scale of the float16 decoder (tiny-cuda-nn scales by 128): the gradient of a mean loss over
@@ -90,6 +97,11 @@ class VolumeFieldSettings:
     `LOSS_SCALE` inside the decoder; bfloat16 elsewhere). The hash tables, their gradients and optimizer state,
     the MLP's weights and the field's output stay float32; inference (renders, volume PSNR, exports) is float32.
     Not nerfstudio's trainer ``--mixed-precision``, which autocasts the whole step. README, "GPU"."""
+    time_field: TimeField = "hash4d"
+    """What varies with time in a sequence (`timesteps` A:B; no effect on one step), fields/time_features.py:
+    hash4d (a shared grid plus a 4-D hash grid over x, y, z, t, each half the table), step_grids (a shared grid
+    plus one grid per step), deform (one grid read through a per-step offset field), kplanes (a shared grid plus
+    K-Planes' space-time planes). Chosen by `gridinr-bench sequence` (README, "Time-varying volumes")."""
 
 
 def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
@@ -107,9 +119,8 @@ def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
 
 class VolumeField(nn.Module):
     """Hash-grid INR of one scalar volume, or of a sequence of `num_times` steps at times t in [0, 1]
-    (data/timesteps.py): a shared grid with half the table plus one grid per step with 1/(2T) of it (their features
-    concatenated for the MLP; ~1.5x the parameters of one step's field); a time between two steps blends their
-    grids. Chosen over a shared grid with a per-step latent, measured in README ("Time-varying volumes")."""
+    (data/timesteps.py) with the time-varying part `settings.time_field` (fields/time_features.py): the field at a
+    step's time is that step's fit, a time between two steps blends the two steps' features."""
 
     def __init__(self, aabb: torch.Tensor, settings: VolumeFieldSettings, num_times: int = 1):
         super().__init__()
@@ -117,12 +128,28 @@ class VolumeField(nn.Module):
         self.settings = settings
         self.num_times = int(num_times)
         sequence = self.num_times > 1
-        shared_log2 = settings.log2_hashmap_size - 1 if sequence else settings.log2_hashmap_size
+        self.time_field = settings.time_field if sequence else None
+        half = settings.log2_hashmap_size - 1
+        shared_log2 = half if self.time_field in ("step_grids", "hash4d", "kplanes") else settings.log2_hashmap_size
         self.encoding = self._grid(settings, shared_log2)
-        if sequence:  # absent for one step: single-step checkpoints keep their keys
+        extra = 0
+        # Absent for one step: single-step checkpoints keep their keys.
+        if self.time_field == "step_grids":
             step_log2 = max(10, shared_log2 - math.ceil(math.log2(self.num_times)))
             self.step_encodings = nn.ModuleList([self._grid(settings, step_log2) for _ in range(self.num_times)])
-        self.mlp = value_mlp(settings, self.encoding.get_out_dim() if sequence else 0)
+            extra = self.encoding.get_out_dim()
+        elif self.time_field == "hash4d":
+            self.time_grid = TimeHashGrid(self.num_times, settings.num_levels, settings.features_per_level, half,
+                                          settings.base_resolution, settings.max_resolution, settings.backend)
+            extra = self.time_grid.get_out_dim()
+        elif self.time_field == "deform":
+            self.offsets = DeformationOffsets(self.num_times, settings.backend)
+        elif self.time_field == "kplanes":
+            self.planes = MultiScaleKPlanes(self.num_times)
+            extra = self.planes.get_out_dim()
+        elif sequence:
+            raise ValueError(f"time_field must be one of hash4d, step_grids, deform, kplanes, got {self.time_field!r}")
+        self.mlp = value_mlp(settings, extra)
         self.level_progress = 1.0
         """Share (0..1) of the coarse-to-fine schedule done; 1 (the default, and after loading) uses every level."""
 
@@ -142,28 +169,27 @@ class VolumeField(nn.Module):
         return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
 
     def time_parameters(self) -> list[nn.Parameter]:
-        """The per-step grids of a sequence ([] for a single step); hash tables, like `encoding`'s."""
-        return list(self.step_encodings.parameters()) if self.num_times > 1 else []
+        """The hash tables of a sequence's time-varying part ([] for a single step), trained like `encoding`'s."""
+        if self.time_field == "step_grids":
+            return list(self.step_encodings.parameters())
+        if self.time_field == "hash4d":
+            return [self.time_grid.params]
+        if self.time_field == "deform":
+            return [self.offsets.grid.params]
+        return []
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"encoding": hash tables (lazy Adam), "mlp": dense weights (Adam)}: the field's optimizer groups."""
+        dense = list(self.mlp.parameters())
+        if self.time_field == "deform":
+            dense += list(self.offsets.head.parameters())
+        elif self.time_field == "kplanes":
+            dense += list(self.planes.parameters())
+        return {"encoding": list(self.encoding.parameters()) + self.time_parameters(), "mlp": dense}
 
     def step_features(self, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:
-        """Features (N, F) of the per-step grids at `times` (N,) or one time: step k's grid at its time k/(T-1),
-        linear blends of two neighbouring grids in between."""
-        position = torch.as_tensor(times, dtype=torch.float32, device=unit_points.device).clamp(0, 1)
-        position = position.expand(unit_points.shape[0]) * (self.num_times - 1)
-        low = position.floor().long().clamp(max=self.num_times - 2)
-        weight = position - low
-        out = None
-        for step, grid in enumerate(self.step_encodings):
-            share = torch.where(low == step, 1.0 - weight, torch.where(low + 1 == step, weight, 0.0))
-            rows = (share > 0).nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue
-            features = grid(unit_points[rows]) * share[rows, None]
-            if out is None:
-                out = torch.zeros(unit_points.shape[0], features.shape[-1], dtype=features.dtype,
-                                  device=features.device)
-            out = out.index_add(0, rows, features)
-        return out
+        """Features (N, F) of the per-step grids (`step_grids`) at `times` (N,) or one time."""
+        return blend_step_grids(self.step_encodings, unit_points, times)
 
     def forward_unit(self, unit_points: torch.Tensor, times: torch.Tensor | float | None = None) -> torch.Tensor:
         """Values (N,) at points already in the unit cube (no masking), at `times` (N,) or one time for all
@@ -174,14 +200,26 @@ class VolumeField(nn.Module):
         through autograd.
         """
         if self.num_times > 1:
-            features = self.weigh_levels(self.encoding(unit_points))
-            steps = self.weigh_levels(self.step_features(unit_points, 0.0 if times is None else times))
-            return self.decode(torch.cat([features, steps.to(features)], dim=-1))
+            return self.decode(self.sequence_features(unit_points, 0.0 if times is None else times))
         if not self.needs_autograd(unit_points) and self.level_progress >= 1.0:
             values = self.encoding.fused_decode(unit_points, self.decoder_layers())
             if values is not None:
                 return values
         return self.decode(self.weigh_levels(self.encoding(unit_points)))
+
+    def sequence_features(self, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:
+        """The MLP's input (N, F) of a sequence field at `times` (see `time_field`)."""
+        if self.time_field == "deform":
+            moved = (unit_points + self.offsets(unit_points, times).to(unit_points)).contiguous()
+            return self.weigh_levels(self.encoding(moved))
+        features = self.weigh_levels(self.encoding(unit_points))
+        if self.time_field == "step_grids":
+            varying = self.weigh_levels(self.step_features(unit_points, times))
+        elif self.time_field == "hash4d":
+            varying = self.weigh_levels(self.time_grid(unit_points, times))
+        else:
+            varying = self.planes(unit_points, times)
+        return torch.cat([features, varying.to(features)], dim=-1)
 
     def level_weights(self) -> torch.Tensor | None:
         """Per-level weights (num_levels,) of the coarse-to-fine schedule, or None when every level counts fully."""

@@ -1,17 +1,23 @@
-"""``gridinr-bench sequence``: one model for a time range vs one model per step, at the same iteration budget.
+"""``gridinr-bench sequence``: time-varying fields side by side on sequences whose features move.
 
-For each selected step a single-step field (the method's defaults) trains ``--iterations`` steps on that step
-alone; then one sequence field (a shared hash grid plus a grid per step, see fields/volume_field.py) trains
-``--iterations`` steps on all of them (every batch holds points of every step). Volume PSNR is measured at every
-voxel of every step. The quality bar: the sequence's mean within 3 dB of the single-step mean, each step within
-3 dB of the sequence mean, at most 2x the parameters of one single-step model. Without ``--data`` a sequence with
-moving and growing features is generated (a ball moving across the box, a blob growing, a static textured slab).
-Optimizers and learning-rate schedule are the method's (``ns-train gridinr-fit``) over ``--iterations``.
+For each sequence (generated motions, see moving_sequences.py, or ``--data``) and each step:
+- a single-step field (the method's defaults) trains ``--iterations`` on that step alone (the issue's reference);
+- one model per step at the same TOTAL budget as one sequence model: each with 1/T of the table entries
+  (log2 size minus ceil(log2 T)) and ``--iterations`` / T iterations;
+then each ``--variants`` sequence field (fields/time_features.py: hash4d, step_grids, deform, kplanes) trains
+``--iterations`` on all steps (every batch holds points of every step). Volume PSNR is measured at every voxel of
+every step; each row gives mean and min PSNR, parameters, training seconds. The issue's bar: a sequence mean within
+3 dB of the single-step mean, each step within 3 dB of the sequence mean, at most 2x one single-step model's
+parameters, and at least the per-step models' mean at equal budget. ``--many-steps N`` also trains the default
+field on an N-step translation sequence and reports parameters against steps (they should grow sub-linearly).
+Optimizers and learning-rate schedule are the method's (``ns-train gridinr-fit``) over the iterations.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -20,58 +26,55 @@ import numpy as np
 import torch
 
 from gridinr_nerfstudio.data.timesteps import parse_timesteps, share_value_range, step_times
-from gridinr_nerfstudio.data.volume_io import open_volume, read_info, scene_aabb, write_dataset
+from gridinr_nerfstudio.data.volume_io import open_volume, read_info, scene_aabb
+from gridinr_nerfstudio.fields.time_features import TIME_FIELDS
 from gridinr_nerfstudio.fields.volume_field import VolumeField
 from gridinr_nerfstudio.gridinr_config import fit_trainer_config
-from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
+from gridinr_nerfstudio.scripts.bench.moving_sequences import MOTIONS, generate_sequence
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler
 from gridinr_nerfstudio.stages.fit.sequence import SequencePointSampler
+
+DEFAULT_MOTIONS = "translation,rotation,growth,front,advected"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sequence",
-        help="one field for several time steps vs one field per step, same iteration budget",
+        help="time-varying fields vs single-step fits and one model per step, same iteration budget",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=None, help="a dataset with several steps (default: generated)")
     parser.add_argument("--timesteps", default="all", help="'all', 'N' or 'A:B' (1-based, inclusive)")
+    parser.add_argument("--motions", default=DEFAULT_MOTIONS,
+                        help=f"generated sequences without --data, comma-separated, of {','.join(MOTIONS)}")
+    parser.add_argument("--variants", default=",".join(TIME_FIELDS), help="time fields to train, comma-separated")
     parser.add_argument("--iterations", type=int, default=300, help="training iterations of every model")
-    parser.add_argument("--batch", type=int, default=1 << 16, help="points per step")
-    parser.add_argument("--size", type=int, default=48, help="side of the generated volume")
-    parser.add_argument("--steps", type=int, default=4, help="steps of the generated sequence")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--batch", type=int, default=1 << 16, help="points per iteration (split across the steps)")
+    parser.add_argument("--size", type=int, default=64, help="side of the generated volumes")
+    parser.add_argument("--steps", type=int, default=4, help="steps of the generated sequences")
+    parser.add_argument("--no-references", action="store_true", help="skip the single-step and per-step models")
+    parser.add_argument("--many-steps", type=int, default=0,
+                        help="also train the default field on an N-step translation sequence (0: skip)")
+    parser.add_argument("--many-iterations", type=int, default=1000, help="iterations of the --many-steps run")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     return parser
-
-
-def generate_sequence(folder: Path, size: int = 64, steps: int = 4) -> Path:
-    """uint8 steps (Z, Y, X): a ball moving along x, a blob growing, a static sinusoidal slab."""
-    axis = np.linspace(-1.0, 1.0, size)
-    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
-    texture = np.where(np.abs(z + 0.6) < 0.15, 0.35 + 0.15 * np.sin(9 * x) * np.cos(7 * y), 0.0)
-    frames = []
-    for step in range(steps):
-        phase = step / max(steps - 1, 1)
-        ball = np.clip(1.0 - np.sqrt((x + 0.6 - 1.2 * phase) ** 2 + (y - 0.3) ** 2 + (z - 0.2) ** 2) / 0.3, 0, 1)
-        radius = 0.1 + 0.3 * phase
-        blob = np.exp(-((x + 0.3) ** 2 + (y + 0.4) ** 2 + (z - 0.3) ** 2) / (2 * radius**2))
-        frames.append((255 * np.clip(texture + ball + 0.8 * blob, 0, 1)).astype(np.uint8))
-    return write_dataset(folder / "moving", "moving", {"value": frames}, description="moving and growing features")
 
 
 def train(field: VolumeField, sampler, aabb: torch.Tensor, iterations: int, batch: int) -> float:
     """Train `field` with the method's optimizers and schedule; returns seconds."""
     method = fit_trainer_config()
-    groups = {"encoding": list(field.encoding.parameters()) + field.time_parameters(),
-              "mlp": list(field.mlp.parameters())}
+    groups = field.param_groups()
     optimizers = [method.optimizers[name]["optimizer"].setup(params) for name, params in groups.items()]
     for name, optimizer in zip(groups, optimizers):
         method.optimizers[name]["scheduler"].max_steps = iterations
     schedulers = [method.optimizers[name]["scheduler"].setup().get_scheduler(optimizer, optimizer.param_groups[0]["lr"])
                   for name, optimizer in zip(groups, optimizers)]
+    ramp = field.settings.coarse_to_fine * iterations
     started = time.perf_counter()
     for step in range(iterations):
+        field.level_progress = min(1.0, step / ramp) if ramp > 0 else 1.0
         drawn = sampler.batch(batch, step)
         points, targets = drawn[0], drawn[1]
         times = drawn[2] if len(drawn) == 3 else None
@@ -83,19 +86,32 @@ def train(field: VolumeField, sampler, aabb: torch.Tensor, iterations: int, batc
         for optimizer, scheduler in zip(optimizers, schedulers):
             optimizer.step()
             scheduler.step()
+    field.level_progress = 1.0
     return time.perf_counter() - started
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    data = args.data if args.data is not None else generate_sequence(Path(tempfile.mkdtemp()), args.size, args.steps)
-    steps = parse_timesteps(args.timesteps, 1, read_info(data).total_samples, data)
+def count(field: VolumeField) -> int:
+    return int(sum(p.numel() for p in field.parameters()))
+
+
+def summary(name: str, psnr: list[float], params: int, seconds: float, reference_params: int) -> dict:
+    row = {"model": name, "mean": float(np.mean(psnr)), "min": float(np.min(psnr)), "per_step": psnr,
+           "params": params, "params_ratio": params / reference_params, "seconds": seconds}
+    print(f"  {name:<34} mean {row['mean']:6.2f} dB  min {row['min']:6.2f} dB  params {params / 1e6:6.2f} M "
+          f"({row['params_ratio']:.2f}x)  {seconds:6.1f} s   per step: " + ", ".join(f"{v:.2f}" for v in psnr),
+          flush=True)
+    return row
+
+
+def compare(data: Path, timesteps: str, args: argparse.Namespace) -> dict:
+    """Every model on one sequence; rows as `summary` returns them."""
+    steps = parse_timesteps(timesteps, 1, read_info(data).total_samples, data)
     volumes = [open_volume(data, timestep=step) for step in steps]
     share_value_range(volumes)
     aabb = scene_aabb(volumes[0])
-    settings = fit_trainer_config().pipeline.model.field
-    datamanager = fit_trainer_config().pipeline.datamanager
+    config = fit_trainer_config()
+    settings, datamanager = config.pipeline.model.field, config.pipeline.datamanager
+    count_steps = len(volumes)
 
     def sampler(volume, seed):
         return VolumePointSampler(volume, aabb, sampling=datamanager.sampling,
@@ -103,29 +119,73 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"{data}: steps {steps}, {volumes[0].info.dims}, {args.iterations} iterations of {args.batch} points",
           flush=True)
-    single, params_single = {}, 0
-    for index, (step, volume) in enumerate(zip(steps, volumes)):
+    reference_params = count(VolumeField(aabb, settings))
+    rows = []
+    if not args.no_references:
+        budgets = (("single-step fit (each step alone)", settings, args.iterations),
+                   ("one model per step, equal budget",
+                    dataclasses.replace(settings, log2_hashmap_size=settings.log2_hashmap_size
+                                        - math.ceil(math.log2(count_steps))),
+                    max(1, args.iterations // count_steps)))
+        for name, step_settings, iterations in budgets:
+            psnr, seconds, params = [], 0.0, 0
+            for index, volume in enumerate(volumes):
+                torch.manual_seed(0)
+                field = VolumeField(aabb, step_settings)
+                seconds += train(field, sampler(volume, index), aabb, iterations, args.batch)
+                psnr.append(volume_psnr(field.forward_unit, volume))
+                params += count(field)
+            if name.startswith("single"):
+                params //= count_steps  # one such model
+            rows.append(summary(name, psnr, params, seconds, reference_params))
+    times = step_times(count_steps).tolist()
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         torch.manual_seed(0)
-        field = VolumeField(aabb, settings)
-        seconds = train(field, sampler(volume, index), aabb, args.iterations, args.batch)
-        single[step] = volume_psnr(field.forward_unit, volume)
-        params_single = sum(p.numel() for p in field.parameters())
-        print(f"single-step model, step {step}: {single[step]:.2f} dB ({seconds:.0f} s)", flush=True)
+        field = VolumeField(aabb, dataclasses.replace(settings, time_field=variant), num_times=count_steps)
+        seconds = train(field, SequencePointSampler([sampler(v, i) for i, v in enumerate(volumes)]), aabb,
+                        args.iterations, args.batch)
+        psnr = [volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume) for volume, t in zip(volumes, times)]
+        rows.append(summary(f"sequence: {variant}", psnr, count(field), seconds, reference_params))
+    return {"data": str(data), "steps": steps, "iterations": args.iterations, "rows": rows}
+
+
+def many_steps(folder: Path, args: argparse.Namespace) -> dict:
+    """The default field on an N-step translation sequence: parameters against steps, PSNR of the N-step run."""
+    config = fit_trainer_config()
+    settings, datamanager = config.pipeline.model.field, config.pipeline.datamanager
+    data = generate_sequence(folder, "translation", args.size, args.many_steps)
+    volumes = [open_volume(data, timestep=step) for step in range(1, args.many_steps + 1)]
+    share_value_range(volumes)
+    aabb = scene_aabb(volumes[0])
+    params = {1: count(VolumeField(aabb, settings))}
+    for steps in sorted({4, 16, args.many_steps}):
+        params[steps] = count(VolumeField(aabb, settings, num_times=steps))
+    print(f"{settings.time_field} parameters against steps: "
+          + ", ".join(f"{steps}: {value / 1e6:.2f} M" for steps, value in params.items()), flush=True)
+    samplers = [VolumePointSampler(v, aabb, sampling=datamanager.sampling,
+                                   continuous_fraction=datamanager.continuous_fraction, seed=i)
+                for i, v in enumerate(volumes)]
     torch.manual_seed(0)
     field = VolumeField(aabb, settings, num_times=len(volumes))
-    seconds = train(field, SequencePointSampler([sampler(v, i) for i, v in enumerate(volumes)]), aabb,
-                    args.iterations, args.batch)
+    seconds = train(field, SequencePointSampler(samplers), aabb, args.many_iterations, args.batch)
     times = step_times(len(volumes)).tolist()
-    sequence = {step: volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume)
-                for step, volume, t in zip(steps, volumes, times)}
-    params_sequence = sum(p.numel() for p in field.parameters())
-    for step in steps:
-        print(f"sequence model, step {step}: {sequence[step]:.2f} dB", flush=True)
-    single_mean, sequence_mean = float(np.mean(list(single.values()))), float(np.mean(list(sequence.values())))
-    spread = max(abs(v - sequence_mean) for v in sequence.values())
-    print(f"mean: single-step {single_mean:.2f} dB, sequence {sequence_mean:.2f} dB ({seconds:.0f} s); "
-          f"gap {single_mean - sequence_mean:.2f} dB; largest step deviation from the mean {spread:.2f} dB; "
-          f"parameters {params_sequence} vs {params_single} ({params_sequence / params_single:.3f}x)")
-    return {"data": str(data), "steps": steps, "iterations": args.iterations, "single_psnr": single,
-            "sequence_psnr": sequence, "single_mean": single_mean, "sequence_mean": sequence_mean,
-            "largest_deviation": spread, "params_single": params_single, "params_sequence": params_sequence}
+    psnr = [volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume) for volume, t in zip(volumes, times)]
+    print(f"{args.many_steps} steps of {args.size}^3, {args.many_iterations} iterations ({seconds:.0f} s): "
+          f"mean {np.mean(psnr):.2f} dB, min {np.min(psnr):.2f} dB, max {np.max(psnr):.2f} dB", flush=True)
+    return {"steps": args.many_steps, "iterations": args.many_iterations, "params_by_steps": params,
+            "mean": float(np.mean(psnr)), "min": float(np.min(psnr)), "per_step": psnr, "seconds": seconds}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp())
+    result = {"sequences": []}
+    if args.data is not None:
+        result["sequences"].append(compare(args.data, args.timesteps, args))
+    else:
+        for motion in [m.strip() for m in args.motions.split(",") if m.strip()]:
+            result["sequences"].append(compare(generate_sequence(folder, motion, args.size, args.steps), "all", args))
+    if args.many_steps > 1:
+        result["many_steps"] = many_steps(folder, args)
+    return result

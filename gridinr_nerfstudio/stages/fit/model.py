@@ -61,8 +61,7 @@ class FitModel(StageModel):
         return callbacks
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
-        grids = list(self.field.encoding.parameters()) + self.field.time_parameters()
-        return {"encoding": grids, "mlp": list(self.field.mlp.parameters())}
+        return self.field.param_groups()
 
     def get_point_outputs(self, points: torch.Tensor, times: torch.Tensor | None = None) -> Dict[str, torch.Tensor]:
         """The field's values (N,) at world points (N, 3) inside the box (at `times` (N,) for a sequence):

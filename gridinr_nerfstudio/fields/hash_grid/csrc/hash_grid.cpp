@@ -525,13 +525,18 @@ void check_inputs(const torch::Tensor& positions, const torch::Tensor& params, c
   TORCH_CHECK(positions.scalar_type() == params.scalar_type(), "hash_grid: positions and params must share a dtype");
   TORCH_CHECK(features == 1 || features == 2 || features == 4 || features == 8,
               "hash_grid: features per level must be 1, 2, 4 or 8");
-  int64_t entries = 0;
+  // Slices lie inside the table; they may share entries across calls (the time nodes of fields/time_hash_grid.py),
+  // but the levels of one call must not overlap: the backward scatters one level per thread.
+  TORCH_CHECK(params.dim() == 1, "hash_grid: params must be a flat tensor");
+  std::vector<std::pair<int64_t, int64_t>> slices;
   for (const auto& lv : unpack_levels<double>(scales, level_info)) {
-    TORCH_CHECK(lv.table_offset == entries, "hash_grid: level slices must tile the table in level order");
-    entries += lv.table_size;
+    TORCH_CHECK(lv.table_offset >= 0 && lv.table_size > 0 && (lv.table_offset + lv.table_size) * features <= params.numel(),
+                "hash_grid: a level slice lies outside params (", params.numel(), " values)");
+    slices.emplace_back(lv.table_offset, lv.table_offset + lv.table_size);
   }
-  TORCH_CHECK(params.dim() == 1 && params.numel() == entries * features,
-              "hash_grid: params must be a flat tensor of ", entries * features, " values");
+  std::sort(slices.begin(), slices.end());
+  for (size_t i = 1; i < slices.size(); ++i)
+    TORCH_CHECK(slices[i].first >= slices[i - 1].second, "hash_grid: level slices of one call must not overlap");
 }
 
 void check_grad_out(const torch::Tensor& grad_out, const torch::Tensor& positions, const torch::Tensor& params,
