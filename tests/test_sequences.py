@@ -201,7 +201,19 @@ def test_export_decodes_any_step_of_a_sequence(sequence_run, sequence_pipeline, 
             decoded[step] = np.load(output)
             np.testing.assert_allclose(decoded[step], expected, atol=1e-5)
     assert np.abs(decoded[2] - decoded[3]).max() > 0.1  # the ball moved
+    # A fraction between two steps decodes the field at that time (2.5: halfway between steps 2 and 3, t = 0.75).
+    with torch.no_grad():
+        expected = field.forward_unit(unit, 0.75).clamp(0, 1).reshape(size, size, size).numpy()
+    output = tmp_path / "step2.5.npy"
+    assert export_main(["volume", "--load-config", str(sequence_run), "--timestep", "2.5", "--units", "normalized",
+                        "--output", str(output)]) == 0
+    between = np.load(output)
+    np.testing.assert_allclose(between, expected, atol=1e-5)
+    assert np.abs(between - decoded[2]).max() > 1e-3 and np.abs(between - decoded[3]).max() > 1e-3
     capsys.readouterr()
+    assert export_main(["volume", "--load-config", str(sequence_run), "--timestep", "3.5",
+                        "--output", str(tmp_path / "bad.npy")]) == 1
+    assert "got --timestep 3.5" in capsys.readouterr().err
     assert export_main(["volume", "--load-config", str(sequence_run), "--timestep", "4",
                         "--output", str(tmp_path / "bad.npy")]) == 1
     error = capsys.readouterr().err.strip().splitlines()

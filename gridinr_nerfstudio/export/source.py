@@ -87,23 +87,31 @@ class ExportSource:
     timesteps: tuple[int, ...] = ()  # a sequence field's steps (file numbering); () for a one-step field
     inputs: ProtectedFiles = dataclass_field(default_factory=ProtectedFiles)  # files read: never written over
 
-    def at_timestep(self, timestep: Optional[int]) -> "ExportSource":
-        """The field at one time step (1-based, as in the file names): any step of a sequence field, or the one step
-        a single-step field was fitted to. None: the single step, or a sequence's first step."""
+    def at_timestep(self, timestep: Optional[float]) -> "ExportSource":
+        """The field at one time step (1-based, as in the file names): any step of a sequence field, a fraction
+        between two of its steps (the field's blend in between; no reference volume there), or the one step a
+        single-step field was fitted to. None: the single step, or a sequence's first step."""
         steps = self.timesteps or (self.meta.timestep,)
         if timestep is None:
             timestep = steps[0]
-        if timestep not in steps:
+        whole = float(timestep).is_integer()
+        between = len(steps) > 1 and not whole and steps[0] < timestep < steps[-1]
+        if not between and (not whole or int(timestep) not in steps):
             raise ExportError(f"{self.origin}: the field was fitted to time step(s) {', '.join(map(str, steps))}, "
-                              f"got --timestep {timestep}")
+                              f"got --timestep {timestep:g}")
         if len(steps) == 1:
             return self
         from gridinr_nerfstudio.data.timesteps import step_times
 
-        index = steps.index(timestep)
-        volume = self.model.volumes[index] if self.model is not None else None
-        return replace(self, field=FieldAtTime(self.field, float(step_times(len(steps))[index])),
-                       meta=replace(self.meta, timestep=timestep), volume=volume, timesteps=())
+        if between:  # steps of a sequence are consecutive (A:B), so time is linear in the step number
+            time, volume, label = (timestep - steps[0]) / (steps[-1] - steps[0]), None, float(timestep)
+        else:
+            index = steps.index(int(timestep))
+            time = float(step_times(len(steps))[index])
+            volume = self.model.volumes[index] if self.model is not None else None
+            label = int(timestep)
+        return replace(self, field=FieldAtTime(self.field, float(time)), meta=replace(self.meta, timestep=label),
+                       volume=volume, timesteps=())
 
 
 class FieldAtTime(nn.Module):

@@ -35,8 +35,9 @@ def _add_grid(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--resolution", type=int, help="voxels along the longest axis (others in proportion)")
     grid.add_argument("--dims", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output grid size")
-    parser.add_argument("--timestep", type=int, help="time step (1-based, as in the file names) of a sequence run "
-                        "(default: its first); a single-step run has only its own")
+    parser.add_argument("--timestep", type=float, help="time step (1-based, as in the file names) of a sequence run "
+                        "(default: its first); a fraction between two steps (2.5) decodes the field in between; a "
+                        "single-step run has only its own")
 
 
 def build_parser() -> argparse.ArgumentParser:

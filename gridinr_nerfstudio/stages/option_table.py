@@ -255,6 +255,7 @@ OPTION_TABLE: Dict[str, Entry] = {
     "pipeline.model.field.num_hidden_layers": _row(AtLeast(0, " (0: a linear decoder)")),
     "pipeline.model.field.backend": _row(OneOf(_backends), CHANGE),
     "pipeline.model.field.coarse_to_fine": _row(Between(0, 1)),
+    "pipeline.model.field.time_field": _row(Choice()),
     "pipeline.model.loss": _row(Choice()),
     "pipeline.model.volume_psnr_chunk": _row(AtLeast(1), CHANGE),
     # Stage 2 model.
