@@ -58,7 +58,7 @@ def test_time_hash_grid_matches_torch_reference_and_blends_nodes():
 
 
 def test_parameters_grow_sub_linearly_with_steps():
-    """The default sequence field (hash4d) keeps its table size from 4 to 100 steps; step grids grow."""
+    """The default sequence field (hash4d) keeps its table size from 4 to 100 steps."""
     settings = VolumeFieldSettings(num_levels=8, log2_hashmap_size=16, max_resolution=128, hidden_dim=16)
 
     def count(field):
@@ -67,8 +67,28 @@ def test_parameters_grow_sub_linearly_with_steps():
     assert settings.time_field == "hash4d"
     four, hundred = count(VolumeField(AABB, settings, 4)), count(VolumeField(AABB, settings, 100))
     assert hundred < 1.5 * four
-    grids = dataclasses.replace(settings, time_field="step_grids")
-    assert count(VolumeField(AABB, grids, 100)) > 3 * count(VolumeField(AABB, grids, 4))
+
+
+def test_points_at_a_step_time_read_that_step_alone():
+    """Float rounding (2/3 * 3 = 1.9999999) must not hand a step's points, and their gradient, to its neighbour."""
+    torch.manual_seed(0)
+    for name in ("hash4d", "step_grids"):
+        settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=16, max_resolution=32, hidden_dim=16,
+                                       time_field=name)
+        field = VolumeField(AABB, settings, num_times=4)
+        times = step_times(4)
+        field.forward_unit(torch.rand(50, 3), torch.full((50,), float(times[2]))).sum().backward()
+        grids = field.step_encodings if name == "step_grids" else None
+        if grids is not None:
+            touched = [bool((grid.params.grad is not None) and grid.params.grad.abs().sum() > 0) for grid in grids]
+            assert touched == [False, False, True, False]
+        else:
+            views = field.time_grid._views.encodings
+            grad = field.time_grid.params.grad
+            dense = [level for level in range(4) if views[0].geometry.dense[level]]
+            for node in range(4):
+                start, size = views[node].geometry.table_offsets[dense[0]], views[node].geometry.table_sizes[dense[0]]
+                assert bool(grad[start * 2 : (start + size) * 2].abs().sum() > 0) == (node == 2)
 
 
 def moving_frames(size: int = 20, steps: int = 3) -> list[np.ndarray]:

@@ -28,10 +28,19 @@ TIME_FIELDS = ("hash4d", "step_grids", "deform", "kplanes")
 
 def step_blend(times: torch.Tensor | float, num_steps: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(lower step (N,), weight of the next step (N,)) at `times` in [0, 1] (clamped)."""
-    position = torch.as_tensor(times, dtype=torch.float32, device=device).clamp(0, 1).expand(count)
-    position = position * (num_steps - 1)
+    position = snap_to_steps(torch.as_tensor(times, dtype=torch.float32, device=device).clamp(0, 1).expand(count),
+                             num_steps)
     low = position.floor().long().clamp(max=max(num_steps - 2, 0))
     return low, position - low
+
+
+def snap_to_steps(times: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Position (N,) on the step axis (t * (T - 1)), snapped to the step where float rounding left it a hair off
+    (2/3 * 3 = 1.9999999 in float32): a step's points must read that step alone, since Adam turns even a 1e-7
+    share of their gradient into full-size updates of the neighbouring step's entries."""
+    position = times * (num_steps - 1)
+    nearest = position.round()
+    return torch.where((position - nearest).abs() < 1e-4, nearest, position)
 
 
 def blend_step_grids(grids: nn.ModuleList, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:

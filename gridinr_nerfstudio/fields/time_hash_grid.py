@@ -142,8 +142,10 @@ class TimeHashGrid(nn.Module):
 
     def node_weights(self, times: torch.Tensor | float, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(lower node (N,), weight of the next node (N,)) at `times` in [0, 1]."""
-        position = torch.as_tensor(times, dtype=torch.float32, device=device).clamp(0, 1).expand(count)
-        position = position * (self.num_nodes - 1)
+        from gridinr_nerfstudio.fields.time_features import snap_to_steps
+
+        position = snap_to_steps(torch.as_tensor(times, dtype=torch.float32, device=device).clamp(0, 1).expand(count),
+                                 self.num_nodes)
         low = position.floor().long().clamp(max=max(self.num_nodes - 2, 0))
         return low, position - low
 

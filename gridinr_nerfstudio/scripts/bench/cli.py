@@ -51,7 +51,7 @@ def build_parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse existing output files (without --overwrite) before a benchmark spends minutes measuring."""
-    for path in (getattr(args, "json", None), getattr(args, "markdown", None)):
+    for path in (getattr(args, "json", None), getattr(args, "markdown", None), getattr(args, "figure", None)):
         if path is not None:
             try:
                 check_target(path, args.overwrite)

@@ -60,7 +60,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-references", action="store_true", help="skip the single-step and per-step models")
     parser.add_argument("--many-steps", type=int, default=0,
                         help="also train the default field on an N-step translation sequence (0: skip)")
+    parser.add_argument("--many-variants", default="hash4d,step_grids", help="time fields of the --many-steps run")
     parser.add_argument("--many-iterations", type=int, default=1000, help="iterations of the --many-steps run")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="PNG of middle slices (data, field at the steps, field between steps) of the first "
+                             "sequence and the first variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     return parser
 
@@ -149,6 +153,9 @@ def compare(data: Path, timesteps: str, args: argparse.Namespace) -> dict:
                         args.iterations, args.batch)
         psnr = [volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume) for volume, t in zip(volumes, times)]
         rows.append(summary(f"sequence: {variant}", psnr, count(field), seconds, reference_params))
+        if args.figure is not None and not getattr(args, "figure_written", False):
+            save_figure(args.figure, field, volumes, f"{data.name}, {variant}", args.overwrite)
+            args.figure_written = True
     if args.same_points_per_step:  # the cause of a gap: each step gets 1/T of a batch; here T times the batch
         torch.manual_seed(0)
         field = VolumeField(aabb, settings, num_times=count_steps)
@@ -160,31 +167,72 @@ def compare(data: Path, timesteps: str, args: argparse.Namespace) -> dict:
     return {"data": str(data), "steps": steps, "iterations": args.iterations, "rows": rows}
 
 
+@torch.no_grad()
+def save_figure(path: Path, field: VolumeField, volumes: list, title: str, overwrite: bool = False) -> None:
+    """Middle z slices: the data at each step, the field at each step's time, the field halfway between steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gridinr_nerfstudio.safe_write import atomic_output
+
+    size_x, size_y, size_z = volumes[0].info.dims
+    middle = size_z // 2
+    grid_y, grid_x = torch.meshgrid(torch.linspace(0, 1, size_y), torch.linspace(0, 1, size_x), indexing="ij")
+    unit = torch.stack([grid_x, grid_y, torch.full_like(grid_x, middle / max(size_z - 1, 1))], -1).reshape(-1, 3)
+    steps = len(volumes)
+
+    def at(time):
+        return field.forward_unit(unit, time).clamp(0, 1).reshape(size_y, size_x).numpy()
+
+    figure, axes = plt.subplots(3, steps, figsize=(2.2 * steps, 6.8))
+    for k in range(steps):
+        axes[0, k].imshow(volumes[k].normalized_slab(middle, middle + 1)[0], cmap="magma", vmin=0, vmax=1, origin="lower")
+        axes[0, k].set_title(f"data, step {k + 1}", fontsize=9)
+        axes[1, k].imshow(at(k / (steps - 1)), cmap="magma", vmin=0, vmax=1, origin="lower")
+        axes[1, k].set_title(f"field, t = step {k + 1}", fontsize=9)
+        if k < steps - 1:
+            axes[2, k].imshow(at((k + 0.5) / (steps - 1)), cmap="magma", vmin=0, vmax=1, origin="lower")
+            axes[2, k].set_title(f"field, step {k + 1.5:g}", fontsize=9)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    figure.suptitle(f"{title}: middle z slice", fontsize=10)
+    figure.tight_layout()
+    with atomic_output(path, overwrite=overwrite) as staged:
+        figure.savefig(staged, format="png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {path}", flush=True)
+
+
 def many_steps(folder: Path, args: argparse.Namespace) -> dict:
-    """The default field on an N-step translation sequence: parameters against steps, PSNR of the N-step run."""
+    """`--many-variants` on an N-step translation sequence: parameters against steps, PSNR of the N-step runs."""
     config = fit_trainer_config()
-    settings, datamanager = config.pipeline.model.field, config.pipeline.datamanager
+    base, datamanager = config.pipeline.model.field, config.pipeline.datamanager
     data = generate_sequence(folder, "translation", args.size, args.many_steps)
     volumes = [open_volume(data, timestep=step) for step in range(1, args.many_steps + 1)]
     share_value_range(volumes)
     aabb = scene_aabb(volumes[0])
-    params = {1: count(VolumeField(aabb, settings))}
-    for steps in sorted({4, 16, args.many_steps}):
-        params[steps] = count(VolumeField(aabb, settings, num_times=steps))
-    print(f"{settings.time_field} parameters against steps: "
-          + ", ".join(f"{steps}: {value / 1e6:.2f} M" for steps, value in params.items()), flush=True)
-    samplers = [VolumePointSampler(v, aabb, sampling=datamanager.sampling,
-                                   continuous_fraction=datamanager.continuous_fraction, seed=i)
-                for i, v in enumerate(volumes)]
-    torch.manual_seed(0)
-    field = VolumeField(aabb, settings, num_times=len(volumes))
-    seconds = train(field, SequencePointSampler(samplers), aabb, args.many_iterations, args.batch)
     times = step_times(len(volumes)).tolist()
-    psnr = [volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume) for volume, t in zip(volumes, times)]
-    print(f"{args.many_steps} steps of {args.size}^3, {args.many_iterations} iterations ({seconds:.0f} s): "
-          f"mean {np.mean(psnr):.2f} dB, min {np.min(psnr):.2f} dB, max {np.max(psnr):.2f} dB", flush=True)
-    return {"steps": args.many_steps, "iterations": args.many_iterations, "params_by_steps": params,
-            "mean": float(np.mean(psnr)), "min": float(np.min(psnr)), "per_step": psnr, "seconds": seconds}
+    result = {"steps": args.many_steps, "iterations": args.many_iterations, "variants": {}}
+    for variant in [v.strip() for v in args.many_variants.split(",") if v.strip()]:
+        settings = dataclasses.replace(base, time_field=variant)
+        params = {1: count(VolumeField(aabb, settings))}
+        for steps in sorted({2, 4, 16, args.many_steps}):
+            params[steps] = count(VolumeField(aabb, settings, num_times=steps))
+        samplers = [VolumePointSampler(v, aabb, sampling=datamanager.sampling,
+                                       continuous_fraction=datamanager.continuous_fraction, seed=i)
+                    for i, v in enumerate(volumes)]
+        torch.manual_seed(0)
+        field = VolumeField(aabb, settings, num_times=len(volumes))
+        seconds = train(field, SequencePointSampler(samplers), aabb, args.many_iterations, args.batch)
+        psnr = [volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume) for volume, t in zip(volumes, times)]
+        print(f"{variant}: parameters against steps " + ", ".join(f"{k}: {v / 1e6:.2f} M" for k, v in params.items())
+              + f"; {args.many_steps} steps of {args.size}^3, {args.many_iterations} iterations ({seconds:.0f} s): "
+              f"mean {np.mean(psnr):.2f} dB, min {np.min(psnr):.2f} dB, max {np.max(psnr):.2f} dB", flush=True)
+        result["variants"][variant] = {"params_by_steps": params, "mean": float(np.mean(psnr)),
+                                       "min": float(np.min(psnr)), "per_step": psnr, "seconds": seconds}
+    return result
 
 
 def run(args: argparse.Namespace) -> dict:
