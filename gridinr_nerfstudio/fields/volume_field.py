@@ -6,7 +6,6 @@ returns 0 outside the box, the value of empty space after normalisation.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,12 +16,7 @@ from torch import nn
 
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
-from gridinr_nerfstudio.fields.time_features import (
-    DeformationOffsets,
-    MultiScaleKPlanes,
-    TimeField,
-    blend_step_grids,
-)
+from gridinr_nerfstudio.fields.time_features import TimeField, blend_step_grids
 from gridinr_nerfstudio.fields.time_hash_grid import TimeHashGrid
 
 LOSS_SCALE = 1024.0
@@ -98,11 +92,11 @@ class VolumeFieldSettings:
     `LOSS_SCALE` inside the decoder; bfloat16 elsewhere). The hash tables, their gradients and optimizer state,
     the MLP's weights and the field's output stay float32; inference (renders, volume PSNR, exports) is float32.
     Not nerfstudio's trainer ``--mixed-precision``, which autocasts the whole step. README, "GPU"."""
-    time_field: TimeField = "hash4d"
+    time_field: TimeField = "step_grids"
     """What varies with time in a sequence (`timesteps` A:B; no effect on one step), fields/time_features.py:
-    hash4d (a shared grid plus a 4-D hash grid over x, y, z, t, each half the table), step_grids (a shared grid
-    plus one grid per step), deform (one grid read through a per-step offset field), kplanes (a shared grid plus
-    K-Planes' space-time planes). Chosen by `gridinr-bench sequence` (README, "Time-varying volumes")."""
+    step_grids (a shared grid with half the table plus one grid per step with 1/(2T) of it) or hash4d (a shared
+    grid plus a 4-D hash grid over x, y, z, t, each half the table). Chosen by `gridinr-bench sequence` (README,
+    "Time-varying volumes": hash4d was ahead on rotating and growing features)."""
 
 
 def value_mlp(settings: VolumeFieldSettings, extra_inputs: int = 0) -> MLP:
@@ -131,7 +125,7 @@ class VolumeField(nn.Module):
         sequence = self.num_times > 1
         self.time_field = settings.time_field if sequence else None
         half = settings.log2_hashmap_size - 1
-        shared_log2 = half if self.time_field in ("step_grids", "hash4d", "kplanes") else settings.log2_hashmap_size
+        shared_log2 = half if sequence else settings.log2_hashmap_size
         self.encoding = self._grid(settings, shared_log2)
         extra = 0
         # Absent for one step: single-step checkpoints keep their keys.
@@ -143,23 +137,11 @@ class VolumeField(nn.Module):
             self.time_grid = TimeHashGrid(self.num_times, settings.num_levels, settings.features_per_level, half,
                                           settings.base_resolution, settings.max_resolution, settings.backend)
             extra = self.time_grid.get_out_dim()
-        elif self.time_field == "deform":
-            self.offsets = DeformationOffsets(self.num_times, settings.backend)
-        elif self.time_field == "kplanes":
-            self.planes = MultiScaleKPlanes(self.num_times)
-            extra = self.planes.get_out_dim()
         elif sequence:
-            raise ValueError(f"time_field must be one of hash4d, step_grids, deform, kplanes, got {self.time_field!r}")
+            raise ValueError(f"time_field must be step_grids or hash4d, got {self.time_field!r}")
         self.mlp = value_mlp(settings, extra)
         self.level_progress = 1.0
         """Share (0..1) of the coarse-to-fine schedule done; 1 (the default, and after loading) uses every level."""
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A sequence checkpoint written before `time_field` existed (shared + per-step grids, and no time_field in
-        its config.yml, so the settings say the new default) rebuilds this field as `step_grids` to load."""
-        if self.time_field not in (None, "step_grids") and f"{prefix}step_encodings.0.params" in state_dict:
-            self.__init__(self.aabb, dataclasses.replace(self.settings, time_field="step_grids"), self.num_times)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _grid(settings: VolumeFieldSettings, log2_hashmap_size: int) -> HashGridEncoding:
@@ -182,18 +164,11 @@ class VolumeField(nn.Module):
             return list(self.step_encodings.parameters())
         if self.time_field == "hash4d":
             return [self.time_grid.params]
-        if self.time_field == "deform":
-            return [self.offsets.grid.params]
         return []
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"encoding": hash tables (lazy Adam), "mlp": dense weights (Adam)}: the field's optimizer groups."""
-        dense = list(self.mlp.parameters())
-        if self.time_field == "deform":
-            dense += list(self.offsets.head.parameters())
-        elif self.time_field == "kplanes":
-            dense += list(self.planes.parameters())
-        return {"encoding": list(self.encoding.parameters()) + self.time_parameters(), "mlp": dense}
+        return {"encoding": list(self.encoding.parameters()) + self.time_parameters(), "mlp": list(self.mlp.parameters())}
 
     def step_features(self, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:
         """Features (N, F) of the per-step grids (`step_grids`) at `times` (N,) or one time."""
@@ -217,16 +192,11 @@ class VolumeField(nn.Module):
 
     def sequence_features(self, unit_points: torch.Tensor, times: torch.Tensor | float) -> torch.Tensor:
         """The MLP's input (N, F) of a sequence field at `times` (see `time_field`)."""
-        if self.time_field == "deform":
-            moved = (unit_points + self.offsets(unit_points, times).to(unit_points)).contiguous()
-            return self.weigh_levels(self.encoding(moved))
         features = self.weigh_levels(self.encoding(unit_points))
         if self.time_field == "step_grids":
             varying = self.weigh_levels(self.step_features(unit_points, times))
-        elif self.time_field == "hash4d":
-            varying = self.weigh_levels(self.time_grid(unit_points, times))
         else:
-            varying = self.planes(unit_points, times)
+            varying = self.weigh_levels(self.time_grid(unit_points, times))
         return torch.cat([features, varying.to(features)], dim=-1)
 
     def level_weights(self) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ For each sequence (generated motions, see moving_sequences.py, or ``--data``) an
 - a single-step field (the method's defaults) trains ``--iterations`` on that step alone (the issue's reference);
 - one model per step at the same TOTAL budget as one sequence model: each with 1/T of the table entries
   (log2 size minus ceil(log2 T)) and ``--iterations`` / T iterations;
-then each ``--variants`` sequence field (fields/time_features.py: hash4d, step_grids, deform, kplanes) trains
+then each ``--variants`` sequence field (fields/time_features.py: step_grids, hash4d) trains
 ``--iterations`` on all steps (every batch holds points of every step). Volume PSNR is measured at every voxel of
 every step; each row gives mean and min PSNR, parameters, training seconds. The issue's bar: a sequence mean within
 3 dB of the single-step mean, each step within 3 dB of the sequence mean, at most 2x one single-step model's
@@ -209,7 +209,7 @@ def many_steps(folder: Path, args: argparse.Namespace) -> dict:
     """`--many-variants` on an N-step translation sequence: parameters against steps, PSNR of the N-step runs."""
     config = fit_trainer_config()
     base, datamanager = config.pipeline.model.field, config.pipeline.datamanager
-    data = generate_sequence(folder, "translation", args.size, args.many_steps)
+    data = generate_sequence(folder / "many", "translation", args.size, args.many_steps)
     volumes = [open_volume(data, timestep=step) for step in range(1, args.many_steps + 1)]
     share_value_range(volumes)
     aabb = scene_aabb(volumes[0])
