@@ -67,6 +67,10 @@ def test_parameters_grow_sub_linearly_with_steps():
                                        time_field=name)
         one, four, hundred = (count(VolumeField(AABB, settings, steps)) for steps in (1, 4, 100))
         assert four < 2 * one and hundred < 3 * four, (name, one, four, hundred)
+    default = VolumeFieldSettings(num_levels=4, log2_hashmap_size=12, max_resolution=32)
+    assert default.time_field == "auto"
+    assert [VolumeField(AABB, default, steps).time_field for steps in (1, 2, 4, 5, 100)] == [
+        None, "step_grids", "step_grids", "hash4d", "hash4d"]
 
 
 def test_points_at_a_step_time_read_that_step_alone():
@@ -125,14 +129,14 @@ def trained_sequences(tmp_path_factory):
 
 @pytest.mark.parametrize("name", TIME_FIELDS)
 def test_field_at_a_step_time_reproduces_that_step(trained_sequences, name):
-    """At step k's time the field fits step k (PSNR well above what any other step's volume gives)."""
+    """At step k's time the field fits step k (PSNR 5 dB or more above what any other step's volume gives)."""
     trained, volumes = trained_sequences
     field = trained[name]
     with torch.no_grad():
         for index, time in enumerate(step_times(3).tolist()):
             own = volume_psnr(lambda unit: field.forward_unit(unit, time), volumes[index])
             others = [volume_psnr(lambda unit: field.forward_unit(unit, time), volumes[j]) for j in range(3) if j != index]
-            assert own > 25.0 and own > max(others) + 8.0, (name, index, own, others)
+            assert own > 25.0 and own > max(others) + 5.0, (name, index, own, others)
 
 
 def test_time_between_steps_is_plausible(trained_sequences):

@@ -162,7 +162,7 @@ def compare(data: Path, timesteps: str, args: argparse.Namespace) -> dict:
         seconds = train(field, SequencePointSampler([sampler(v, i) for i, v in enumerate(volumes)]), aabb,
                         args.iterations, args.batch * count_steps)
         psnr = [volume_psnr(lambda unit, t=t: field.forward_unit(unit, t), volume) for volume, t in zip(volumes, times)]
-        rows.append(summary(f"sequence: {settings.time_field}, {count_steps}x batch", psnr, count(field), seconds,
+        rows.append(summary(f"sequence: {field.time_field}, {count_steps}x batch", psnr, count(field), seconds,
                             reference_params))
     return {"data": str(data), "steps": steps, "iterations": args.iterations, "rows": rows}
 
