@@ -172,3 +172,22 @@ def test_every_time_field_trains_and_is_an_option():
         values.sum().backward()
         assert values.shape == (64,) and torch.isfinite(values).all()
 
+
+
+def test_step_grid_checkpoints_load_where_the_settings_say_auto():
+    """A 5-step field saved with step grids (before `time_field`; its config now reads as `auto`, i.e. hash4d at 5
+    steps) loads and gives the same values."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    settings = VolumeFieldSettings(num_levels=4, log2_hashmap_size=12, max_resolution=32, hidden_dim=16)
+    old = VolumeField(AABB, dataclasses.replace(settings, time_field="step_grids"), num_times=5)
+    for grid in old.step_encodings:
+        torch.nn.init.uniform_(grid.params, -1, 1)
+    loaded = VolumeField(AABB, settings, num_times=5)
+    assert loaded.time_field == "hash4d"
+    loaded.load_state_dict(old.state_dict())
+    unit = torch.rand(100, 3)
+    with torch.no_grad():
+        assert loaded.time_field == "step_grids"
+        assert torch.equal(loaded.forward_unit(unit, 0.3), old.forward_unit(unit, 0.3))

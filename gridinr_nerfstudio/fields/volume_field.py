@@ -6,6 +6,7 @@ returns 0 outside the box, the value of empty space after normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -143,6 +144,13 @@ class VolumeField(nn.Module):
         self.mlp = value_mlp(settings, extra)
         self.level_progress = 1.0
         """Share (0..1) of the coarse-to-fine schedule done; 1 (the default, and after loading) uses every level."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint of step grids where the settings say otherwise (a run of more than 4 steps from before
+        `time_field`, whose config.yml now reads as `auto`) rebuilds this field as `step_grids` to load."""
+        if self.time_field not in (None, "step_grids") and f"{prefix}step_encodings.0.params" in state_dict:
+            self.__init__(self.aabb, dataclasses.replace(self.settings, time_field="step_grids"), self.num_times)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _grid(settings: VolumeFieldSettings, log2_hashmap_size: int) -> HashGridEncoding:
