@@ -71,3 +71,25 @@ def test_render_benchmark_against_vtk_without_vtk(tiny_fit_run: Path, monkeypatc
     monkeypatch.setattr(vtk_raycast, "vtk_available", lambda: False)
     with pytest.raises(SystemExit, match="vtk package is not installed"):
         bench_main(["render", "--load-config", str(tiny_fit_run), "--against", "vtk"])
+
+
+def test_render_benchmark_busy_rows_and_static_split(tiny_fit_run: Path, tmp_path: Path, capsys) -> None:
+    """--busy 1: each chosen row also timed beside a CPU burner; the static-split rows show the same images."""
+    output = tmp_path / "render.json"
+    chosen = "raw_accelerated,raw_accelerated_static,field_cache,field_cache_static"
+    bench_main(["render", "--load-config", str(tiny_fit_run), "--views", "1", "--occupancy-resolution", "16",
+                "--busy", "1", "--contenders", chosen, "--json", str(output)])
+    results = json.loads(output.read_text())
+    assert set(results) == {*chosen.split(","), "config"}
+    assert results["config"]["busy"] == 1 and results["config"]["static_packet_rays"] >= 32 * 32 // 2
+    for name in chosen.split(","):
+        assert results[name]["busy_ms_per_frame"] > 0
+        assert results[name]["busy_x_idle"] == results[name]["busy_ms_per_frame"] / results[name]["ms_per_frame"]
+    for name in ("raw_accelerated", "field_cache"):
+        assert results[f"{name}_static"]["psnr_db"] == results[name]["psnr_db"]
+    assert "busy x idle" in capsys.readouterr().out
+
+
+def test_render_benchmark_unknown_contender_is_one_line(tiny_fit_run: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown contender"):
+        bench_main(["render", "--load-config", str(tiny_fit_run), "--contenders", "raw_volume,nonsense"])

@@ -228,3 +228,22 @@ def test_table_gradient_is_deterministic_across_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])
+
+
+def test_packet_size_changes_the_schedule_not_the_image():
+    """`packet_rays` (the benchmarks' static split) hands out other work items; every ray's result is its own."""
+    volume = reference_volumes()["builtin"]
+    field = DenseGridField(volume, HALF)
+    tf = TransferFunction.ramp("viridis", 0.2, 0.7, 0.6, unit_distance=0.05)
+    origins, directions = rays(1000, 8)
+
+    def render():
+        return render_rays(origins, directions, GridSamples(field, tf), torch.stack([-HALF, HALF]), num_samples=32)
+
+    expected = render()
+    for size in (1, 7, 500, 5000):
+        with fused_march.packet_rays(size):
+            got = render()
+        assert all(torch.equal(got[key], expected[key]) for key in expected), size
+    with pytest.raises(RuntimeError, match="at least one ray"):
+        fused_march.cpp.set_packet_rays(0)

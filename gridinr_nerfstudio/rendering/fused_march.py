@@ -24,7 +24,8 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,6 +52,17 @@ _SUPPORTED_VOXELS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.i
 def kernel_available() -> bool:
     """Whether the C++ extension was built and `GRIDINR_FUSED_MARCH` does not switch it off (`0`)."""
     return cpp is not None and os.environ.get("GRIDINR_FUSED_MARCH", "1") != "0"
+
+
+@contextmanager
+def packet_rays(rays: int) -> Iterator[None]:
+    """Within the block the forward kernel hands out `rays` rays per work item instead of 16 (benchmarks: one packet
+    per thread is a static split of the rays, which a busy machine shows the cost of)."""
+    previous = cpp.set_packet_rays(int(rays))
+    try:
+        yield
+    finally:
+        cpp.set_packet_rays(previous)
 
 
 class GridSamples:

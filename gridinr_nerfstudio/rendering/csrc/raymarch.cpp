@@ -20,6 +20,7 @@
 //
 // Rays are handed out in packets of kPacket with OpenMP's dynamic schedule, so a thread that loses its core
 // (another process on a shared machine) delays only the packets it holds, not a fixed share of the frame.
+// `set_packet_rays` changes the forward's packet size (benchmarks: one packet per thread is a static split).
 //
 // Lattices decoded lazily (fields/brick_cache.py) hold NaN where nothing is decoded yet: with suspend_on_nan the
 // forward stops such a ray at that sample and records its state (transmittance, sums, sample index), so the
@@ -30,6 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -39,6 +41,7 @@
 namespace {
 
 constexpr int64_t kPacket = 16;  // rays per dynamically scheduled work item
+std::atomic<int64_t> g_packet_rays{kPacket};  // the forward's packet size (set_packet_rays)
 constexpr int kMaxChannels = 8;  // r, g, b, 1, t, nx, ny, nz
 constexpr int64_t kGradientGroups = 64;  // backward work items, each with its own table gradient
 // A leap over an empty macrocell stops this many bins before the cell's exit (rounding margin).
@@ -531,7 +534,8 @@ std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Ten
   int64_t* nan_cells = suspended_cells.data_ptr<int64_t>();
   const int64_t* subset = rays.numel() ? rays.data_ptr<int64_t>() : nullptr;
   const int64_t count = subset ? rays.numel() : num_rays;
-  const int64_t packets = (count + kPacket - 1) / kPacket;
+  const int64_t packet_rays = g_packet_rays.load();
+  const int64_t packets = (count + packet_rays - 1) / packet_rays;
   dispatch_voxels(volume, [&](auto voxel_tag) {
     using voxel_t = decltype(voxel_tag);
     const auto grid = make_grid<voxel_t, scalar_t>(volume, grid_params);
@@ -539,8 +543,8 @@ std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Ten
     int64_t hits = 0, evaluated = 0, suspended = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) reduction(+ : hits, evaluated, suspended)
     for (int64_t packet = 0; packet < packets; ++packet) {
-      const int64_t end = std::min(count, (packet + 1) * kPacket);
-      for (int64_t k = packet * kPacket; k < end; ++k) {
+      const int64_t end = std::min(count, (packet + 1) * packet_rays);
+      for (int64_t k = packet * packet_rays; k < end; ++k) {
         const int64_t r = subset ? subset[k] : k;
         if (next[r] < 0) continue;
         scalar_t t_near, t_far;
@@ -676,10 +680,17 @@ torch::Tensor backward(const torch::Tensor& origins, const torch::Tensor& direct
   return grad_table;
 }
 
+// Sets the rays per work item of the forward (>= 1) and returns the previous size.
+int64_t set_packet_rays(int64_t rays) {
+  TORCH_CHECK(rays >= 1, "raymarch: packets hold at least one ray");
+  return g_packet_rays.exchange(rays);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU ray marcher over voxel grids with a transfer-function table (forward and table gradient)";
   m.def("forward", &forward, "March rays through the grid; updates sums, transmittance, next_sample in place");
   m.def("backward", &backward, "Gradient of the loss w.r.t. the transfer-function table (L, 4)");
+  m.def("set_packet_rays", &set_packet_rays, "Rays per dynamically scheduled work item of the forward; returns the old");
 }

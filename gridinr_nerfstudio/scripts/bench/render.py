@@ -29,11 +29,18 @@ that backend (the plain rows use the run's backend, ``auto``). With ``triton`` t
 Triton kernel (encoding + MLP per block of points), and a ``field_accelerated_triton_unfused`` row times the
 Triton encoding kernel followed by the torch MLP on the same rays.
 Contenders run in turn per view so that load from other processes hits all of them alike.
+``--busy N`` also times every contender of each view beside N CPU burners (``yes > /dev/null``, started for that
+view's busy pass and killed after it): ``busy_ms_per_frame`` and ``busy_x_idle`` per row, and rows
+``raw_accelerated_static`` and ``field_cache_static`` whose fused kernel hands each thread one packet of rays (a
+static split) instead of packets of 16 taken dynamically, the scheduling a busy machine tests (``field_bricks``'
+busy pass finds the bricks its idle pass decoded).
+``--contenders a,b`` times only those rows (``vtk`` and the ``_static`` rows included by name).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -47,11 +54,17 @@ from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available
 from gridinr_nerfstudio.fields.hash_grid.encoding import BACKENDS
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
-from gridinr_nerfstudio.rendering.fused_march import GridSamples, kernel_available
+from gridinr_nerfstudio.rendering.fused_march import GridSamples, kernel_available, packet_rays
 from gridinr_nerfstudio.rendering.images import camera_rays, render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.runs import load_run_pipeline
-from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
+from gridinr_nerfstudio.scripts.bench.timing import (
+    Clock,
+    add_device_argument,
+    cpu_burners,
+    device_label,
+    resolve_device,
+)
 
 CONTENDERS = ("field", "field_accelerated", "field_bricks", "field_cache", "field_cache_torch", "raw_volume",
               "raw_volume_torch", "raw_accelerated")
@@ -73,6 +86,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="comma-separated hash-grid backends for extra field_accelerated_<backend> rows")
     parser.add_argument("--against", choices=["vtk"], default=None,
                         help="add VTK's CPU ray caster on the same volume, cameras and transfer function (needs vtk)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also time each contender beside this many CPU burners (yes > /dev/null)")
+    parser.add_argument("--contenders", default="", help="comma-separated rows to time (default: all)")
     add_device_argument(parser)
     return parser
 
@@ -135,6 +151,10 @@ def run(args: argparse.Namespace) -> dict:
         dense = {**plain, "num_samples": int(np.ceil(chord / voxel_size_world(model.volume))),
                  "early_stop_eps": VTK_EARLY_STOP, "occupancy_grid": raw_cells}
         contenders["raw_vtk_settings"] = (GridSamples(raw, color), dense)
+    busy = max(0, getattr(args, "busy", 0))
+    if busy and kernel_available() and device.type == "cpu":  # one packet per thread: a static split of the rays
+        contenders["raw_accelerated_static"] = contenders["raw_accelerated"]
+        contenders["field_cache_static"] = contenders["field_cache"]
     run_backend = model.field.encoding.backend
     for backend in [b.strip() for b in getattr(args, "backends", "").split(",") if b.strip()]:
         if backend not in BACKENDS:
@@ -148,8 +168,24 @@ def run(args: argparse.Namespace) -> dict:
         if backend == "triton":  # the same without the fused kernel: encoding kernel, then the torch MLP
             contenders["field_accelerated_triton_unfused"] = (field_on(backend, fused_triton=False),
                                                               {**plain, "occupancy_grid": raw_cells})
+    chosen = [name.strip() for name in getattr(args, "contenders", "").split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(contenders) - {"vtk"})
+    if unknown:
+        raise SystemExit(f"gridinr-bench render: unknown contender(s) {', '.join(unknown)} "
+                         f"(known: {', '.join([*contenders, 'vtk'])})")
+    if chosen:
+        contenders = {name: contender for name, contender in contenders.items() if name in chosen}
+        against_vtk = against_vtk and "vtk" in chosen
+    height, width = (int(dataset.cameras.height[0]), int(dataset.cameras.width[0]))
+    static_packet = -(-min(height * width, 1 << 16) // torch.get_num_threads())  # render_image's chunks
+
+    def schedule(name: str):
+        return packet_rays(static_packet) if name.endswith("_static") else contextlib.nullcontext()
+
+    loads = [("idle", 0)] + ([("busy", busy)] if busy else [])
     metrics = ImageMetrics(device=device)
     seconds = {name: 0.0 for name in contenders}
+    busy_seconds = {name: 0.0 for name in contenders}
     scores = {name: [] for name in contenders}
     first_frame: dict[str, float] = {}
     with torch.no_grad():
@@ -161,14 +197,19 @@ def run(args: argparse.Namespace) -> dict:
         for index in range(views):
             origins, directions = camera_rays(dataset.cameras, index, device)
             reference = dataset.get_image_float32(index)[..., :3].to(device)
-            for name, (sample_fn, kwargs) in contenders.items():
-                holder = {}
-                frame_seconds = clock.time(lambda: holder.update(
-                    image=render_image(origins, directions, sample_fn, model.aabb, **kwargs)["rgb"].clamp(0, 1)))
-                seconds[name] += frame_seconds
-                first_frame.setdefault(name, frame_seconds)
-                image = holder["image"]
-                scores[name].append(metrics(image, reference))
+            for load, burners in loads:
+                with cpu_burners(burners):
+                    for name, (sample_fn, kwargs) in contenders.items():
+                        holder = {}
+                        with schedule(name):
+                            frame_seconds = clock.time(lambda: holder.update(image=render_image(
+                                origins, directions, sample_fn, model.aabb, **kwargs)["rgb"].clamp(0, 1)))
+                        if load == "busy":
+                            busy_seconds[name] += frame_seconds
+                            continue
+                        seconds[name] += frame_seconds
+                        first_frame.setdefault(name, frame_seconds)
+                        scores[name].append(metrics(holder["image"], reference))
 
     vtk_mapper_seconds = 0.0
     if against_vtk:
@@ -179,8 +220,11 @@ def run(args: argparse.Namespace) -> dict:
                               threads=torch.get_num_threads())
         fov = float(np.degrees(2.0 * np.arctan(0.5 * float(cameras.height[0]) / float(cameras.fy[0]))))
         caster.render(cameras.camera_to_worlds[0], fov)  # untimed: VTK builds its min/max volume here
-        seconds["vtk"], scores["vtk"] = 0.0, []
+        seconds["vtk"], busy_seconds["vtk"], scores["vtk"] = 0.0, 0.0, []
         for index in range(views):
+            if busy:
+                with cpu_burners(busy):
+                    busy_seconds["vtk"] += caster.render(cameras.camera_to_worlds[index], fov)[1]
             image, frame_seconds = caster.render(cameras.camera_to_worlds[index], fov)
             seconds["vtk"] += frame_seconds
             vtk_mapper_seconds += caster.mapper_seconds()
@@ -199,18 +243,26 @@ def run(args: argparse.Namespace) -> dict:
             "ssim": float(np.mean([s["ssim"] for s in scores[name]])),
             "first_frame_ms": 1000.0 * first_frame[name],
         }
-    results["field_bricks"].update(brick_size=bricks.brick_size, decoded_share=bricks.decoded_fraction(),
-                                   decoded_points=bricks.decoded_points)
-    results["field_cache"]["decode_seconds"] = decode_seconds
+        if busy:
+            results[name].update(busy_ms_per_frame=1000.0 * busy_seconds[name] / views,
+                                 busy_x_idle=busy_seconds[name] / seconds[name])
+    if "field_bricks" in results:
+        results["field_bricks"].update(brick_size=bricks.brick_size, decoded_share=bricks.decoded_fraction(),
+                                       decoded_points=bricks.decoded_points)
+    if "field_cache" in results:
+        results["field_cache"]["decode_seconds"] = decode_seconds
     if against_vtk:
         results["vtk"].update(mapper_ms_per_frame=1000.0 * vtk_mapper_seconds / views, window=caster.window_class,
                               sample_distance=caster.sample_distance, early_stop=VTK_EARLY_STOP)
-        results["raw_vtk_settings"]["num_samples"] = contenders["raw_vtk_settings"][1]["num_samples"]
+        if "raw_vtk_settings" in results:
+            results["raw_vtk_settings"]["num_samples"] = contenders["raw_vtk_settings"][1]["num_samples"]
     results["config"] = {"views": views, "num_samples": model.render_settings.num_samples,
                          "occupancy_resolution": resolution, "threads": torch.get_num_threads(),
                          "device": device_label(device), "hash_grid_backend": model.field.encoding.backend_for(device),
                          "field_evaluation": field_evaluation(model.field.encoding, device),
-                         "fused_ray_marcher": kernel_available() and device.type == "cpu"}
+                         "fused_ray_marcher": kernel_available() and device.type == "cpu", "busy": busy}
+    if busy:
+        results["config"]["static_packet_rays"] = static_packet
     print_table(results)
     return results
 
@@ -225,24 +277,39 @@ def field_evaluation(encoding, device: torch.device) -> str:
 
 def print_table(results: dict) -> None:
     config = results["config"]
-    raw_ms = results["raw_volume"]["ms_per_frame"]
     print(f"{config['views']} views, {config['num_samples']} samples per ray, {config['occupancy_resolution']} "
           f"macrocells per axis, field evaluated by {config['field_evaluation']}, fused ray marcher "
-          f"{'on' if config.get('fused_ray_marcher') else 'off'}, device {config['device']}")
-    raw_first = results["raw_volume"]["first_frame_ms"]
+          f"{'on' if config.get('fused_ray_marcher') else 'off'}, device {config['device']}"
+          + (f", busy rows beside {config['busy']} CPU burner(s)" if config.get("busy") else ""))
+    raw = results.get("raw_volume")
     vtk_ms = results["vtk"]["ms_per_frame"] if "vtk" in results else None
-    print(f"{'contender':<20}{'ms/frame':>12}{'rays/s':>14}{'x raw time':>12}{'1st frame x':>13}{'PSNR dB':>10}"
-          f"{'SSIM':>9}" + (f"{'x vtk time':>12}" if vtk_ms else ""))
+    busy = bool(config.get("busy"))
+
+    def ratio(value: float, base: float | None) -> str:
+        return f"{value / base:>12.2f}" if base else f"{'-':>12}"
+
+    print(f"{'contender':<24}{'ms/frame':>10}{'rays/s':>12}{'x raw time':>12}{'1st frame x':>12}{'PSNR dB':>10}"
+          f"{'SSIM':>9}" + (f"{'x vtk time':>12}" if vtk_ms else "") + (f"{'busy ms':>10}{'busy x idle':>12}" if busy
+                                                                          else ""))
     for name in [key for key in results if key != "config"]:
         row = results[name]
-        print(f"{name:<20}{row['ms_per_frame']:>12.1f}{row['rays_per_s']:>14.4g}{row['ms_per_frame'] / raw_ms:>12.2f}"
-              f"{row['first_frame_ms'] / raw_first:>13.2f}{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}"
-              + (f"{row['ms_per_frame'] / vtk_ms:>12.2f}" if vtk_ms else ""))
+        print(f"{name:<24}{row['ms_per_frame']:>10.1f}{row['rays_per_s']:>12.4g}"
+              f"{ratio(row['ms_per_frame'], raw and raw['ms_per_frame'])}"
+              f"{ratio(row['first_frame_ms'], raw and raw['first_frame_ms'])}{row['psnr_db']:>10.2f}{row['ssim']:>9.4f}"
+              + (ratio(row["ms_per_frame"], vtk_ms) if vtk_ms else "")
+              + (f"{row['busy_ms_per_frame']:>10.1f}{row['busy_x_idle']:>12.2f}" if busy else ""))
     if "vtk" in results:
         vtk = results["vtk"]
         print(f"vtk: {vtk['window']}, sample distance {vtk['sample_distance']:.4g} (one voxel), ray casting alone "
-              f"{vtk['mapper_ms_per_frame']:.1f} ms/frame; raw_vtk_settings: "
-              f"{results['raw_vtk_settings']['num_samples']} samples per ray, early termination at {VTK_EARLY_STOP:.4f}")
-    print(f"field cache decoded once in {results['field_cache']['decode_seconds']:.2f} s; field_bricks decoded "
-          f"{results['field_bricks']['decoded_share']:.0%} of its {results['field_bricks']['brick_size']}^3-cell "
-          f"bricks ({results['field_bricks']['decoded_points'] / 1e6:.2f} M points)")
+              f"{vtk['mapper_ms_per_frame']:.1f} ms/frame" + (
+                  f"; raw_vtk_settings: {results['raw_vtk_settings']['num_samples']} samples per ray, early "
+                  f"termination at {VTK_EARLY_STOP:.4f}" if "raw_vtk_settings" in results else ""))
+    if "field_cache" in results:
+        print(f"field cache decoded once in {results['field_cache']['decode_seconds']:.2f} s")
+    if "field_bricks" in results:
+        print(f"field_bricks decoded {results['field_bricks']['decoded_share']:.0%} of its "
+              f"{results['field_bricks']['brick_size']}^3-cell bricks "
+              f"({results['field_bricks']['decoded_points'] / 1e6:.2f} M points)")
+    if busy and "static_packet_rays" in config:
+        print(f"_static rows: one packet of {config['static_packet_rays']} rays per thread (a static split); the "
+              f"others take packets of 16 rays dynamically")

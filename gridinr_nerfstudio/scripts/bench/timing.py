@@ -1,4 +1,5 @@
-"""Device choice and timing shared by the benchmarks: ``--device auto|cpu|cuda``, CUDA-event timing on a GPU.
+"""Device choice and timing shared by the benchmarks: ``--device auto|cpu|cuda``, CUDA-event timing on a GPU;
+CPU burners to time work on a busy machine.
 
 On CUDA, work is asynchronous: a host clock around a call measures the launch, not the kernels. ``Clock`` records
 CUDA events around the timed work and synchronises before reading them; on a CPU it is ``time.perf_counter``.
@@ -7,9 +8,15 @@ CUDA events around the timed work and synchronises before reading them; on a CPU
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -69,3 +76,25 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@contextmanager
+def cpu_burners(count: int) -> Iterator[None]:
+    """`count` co-runners (``yes > /dev/null``, normal priority) for the duration of the block, each killed by its
+    own process group when the block ends, however it ends."""
+    yes = shutil.which("yes")
+    command = [yes] if yes else [sys.executable, "-c", "while True: pass"]
+    started = []
+    try:
+        for _ in range(count):
+            started.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True))
+        if started:
+            time.sleep(0.2)  # scheduled and running before the timed work starts
+        yield
+    finally:
+        for process in started:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
