@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,15 @@ class Contender:
         self.iterations = 0
         self.curve: dict[str, float] = {}
 
-    def step(self, batch_size: int, progress: float) -> None:
-        """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress."""
+    def step(self, batch_size: int, progress: float, mark: Callable[[str], None] | None = None) -> float:
+        """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress.
+        Returns its seconds; `mark(phase)` is called as each phase ends (batch, forward, backward, optimizer)."""
         if self.coarse_to_fine > 0 and hasattr(self.model, "level_progress"):
             self.model.level_progress = min(1.0, progress / self.coarse_to_fine)
-        self.seconds += self.clock.time(lambda: self._step(batch_size, progress))
+        seconds = self.clock.time(lambda: self._step(batch_size, progress, mark or (lambda phase: None)))
+        self.seconds += seconds
         self.iterations += 1
+        return seconds
 
     def warm_up(self) -> None:
         """One untimed forward, backward and optimizer step with zero gradients, then fresh optimizer state: JIT
@@ -165,27 +169,42 @@ class Contender:
             optimizer.state.clear()
         self.clock.sync()
 
-    def _step(self, batch_size: int, progress: float) -> None:
+    def _step(self, batch_size: int, progress: float, mark: Callable[[str], None]) -> None:
         points, targets = self.sampler.batch(batch_size, self.iterations)
         unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+        mark("batch")
         for optimizer, (lr_init, lr_final) in zip(self.optimizers, self.lr_ranges):
             for group in optimizer.param_groups:
                 group["lr"] = lr_init * (lr_final / lr_init) ** progress
         predictions = self.model.forward_unit(unit)
         loss = (predictions - targets).square().mean()
+        mark("forward")
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mark("backward")
         for optimizer in self.optimizers:
             optimizer.step()
+        mark("optimizer")
         report = getattr(self.sampler, "report", None)  # samplers that learn from the errors (sweep variants)
         if report is not None:
             report(points, (predictions.detach() - targets).square())
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+@dataclasses.dataclass
+class FitSetup:
+    """What `run` trains: the volume, the device and one `Contender` per name of ``--contenders``."""
+
+    volume: object
+    device: torch.device
+    settings: VolumeFieldSettings
+    contenders: list
+    encoding_lr: float
+    lr_final: float
+
+
+def setup_contenders(args: argparse.Namespace) -> FitSetup:
+    """The volume and the warmed-up contenders of ``args`` (also used by ``gridinr-bench contention``)."""
     device = resolve_device(args.device)
     clock = Clock(device)
     args.batch = resolve(args.batch, "batch_size", device)
@@ -219,7 +238,6 @@ def run(args: argparse.Namespace) -> dict:
     for name in names:
         if name not in builders:
             raise SystemExit(f"gridinr-bench fit: unknown contender {name!r} (known: {', '.join(builders)})")
-    curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
     torch.manual_seed(0)
     contenders = [
         Contender(name, builders[name]().to(device), method, lr_finals, args.beta2,
@@ -233,6 +251,16 @@ def run(args: argparse.Namespace) -> dict:
         if isinstance(contender.model, VolumeField):
             contender.backend = contender.model.encoding.backend_for(device)  # fails here if it cannot run
         contender.warm_up()
+    return FitSetup(volume, device, settings, contenders, encoding_lr, lr_final)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    setup = setup_contenders(args)
+    volume, device, settings, contenders = setup.volume, setup.device, setup.settings, setup.contenders
+    encoding_lr, lr_final = setup.encoding_lr, setup.lr_final
+    curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
     samplers = {f"resident on {c.sampler.device.type}" if c.sampler.resident else "host" for c in contenders}
     decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
     budget = f"{args.iterations} steps" if args.iterations > 0 else f"{args.seconds:.0f} s"
