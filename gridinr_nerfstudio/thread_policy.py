@@ -183,21 +183,26 @@ class ThreadLadderController:
 class AdaptiveThreads:
     """A `ThreadLadderController` over `thread_ladder` settings, applied to torch and our kernels around timed work.
 
-    ``with threads.step(work):`` applies the setting the controller asks for (if it changed), times the body and
-    reports it. `apply` and `clock` default to setting torch's and our kernels' counts and ``time.perf_counter``
+    ``with threads.step(work):`` applies the setting the controller asks for (unless `current()` already is it:
+    several policies may take turns, as the contenders of ``gridinr-bench fit`` do), times the body and reports
+    it. `apply`, `current` and `clock` default to torch's and our kernels' counts and ``time.perf_counter``
     (tests pass others). With one core (or ``OMP_NUM_THREADS=1``, or ``torch.set_num_threads(1)`` before) the
     ladder has one setting and nothing ever changes.
     """
 
     def __init__(self, settings: list[ThreadSetting] | None = None, controller: ThreadLadderController | None = None,
-                 apply: Callable[[ThreadSetting], None] | None = None, clock: Callable[[], float] = time.perf_counter):
+                 apply: Callable[[ThreadSetting], None] | None = None,
+                 current: Callable[[], ThreadSetting | None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.settings = thread_ladder(torch.get_num_threads()) if settings is None else list(settings)
         self.controller = ThreadLadderController(len(self.settings)) if controller is None else controller
         if self.controller.size != len(self.settings):
             raise ValueError("the controller must have one option per setting")
         self.apply = apply_setting if apply is None else apply
+        self.current = current_setting if current is None else current
         self.clock = clock
         self.applied: ThreadSetting | None = None
+        """The setting this policy applied last."""
 
     @property
     def setting(self) -> ThreadSetting:
@@ -207,9 +212,9 @@ class AdaptiveThreads:
     def apply_now(self) -> ThreadSetting:
         """Apply the setting the next step will use (e.g. before building models), and return it."""
         setting = self.settings[self.controller.option()]
-        if setting != self.applied:
+        if setting != self.current():
             self.apply(setting)
-            self.applied = setting
+        self.applied = setting
         return setting
 
     @contextmanager
@@ -224,6 +229,11 @@ class AdaptiveThreads:
         info = self.controller.summary()
         return {"current": str(self.setting), "rounds": info["rounds"], "switches": info["switches"],
                 "steps_at": {str(s): n for s, n in zip(self.settings, info["steps_at"])}}
+
+
+def current_setting() -> ThreadSetting:
+    """The counts in force: torch's intra-op threads and our kernels' threads."""
+    return ThreadSetting(torch.get_num_threads(), kernel_threads())
 
 
 def apply_setting(setting: ThreadSetting) -> None:

@@ -24,6 +24,17 @@ if not torch.cuda.is_available():
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
+    """(model name, weights file) of a tiny random open_clip model registered for the tests (tests/tiny_models.py)."""
+    from tiny_models import register_tiny_clip, save_tiny_clip_weights
+
+    root = tmp_path_factory.mktemp("tiny-clip")
+    name = register_tiny_clip(root / "configs")
+    with torch.random.fork_rng():  # save_tiny_clip_weights seeds the global RNG
+        return name, save_tiny_clip_weights(name, root / "open_clip_pytorch_model.bin")
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any connection attempt fails the test (weights must come from local files; `pytestmark =

@@ -104,6 +104,16 @@ def test_no_import_cycles(for_types_too):
     assert "gridinr_nerfstudio.stages.base_model" in graph  # the walk saw the package
 
 
+def test_test_fixtures_are_defined_once():
+    """A fixture that several test modules use is defined once, in tests/conftest.py, not copied into each."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(d) for d in node.decorator_list):
+                defined.setdefault(node.name, []).append(path.name)
+    assert {name: files for name, files in defined.items() if len(files) > 1} == {}
+
+
 def test_no_module_over_600_lines():
     long = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
     assert {name: lines for name, lines in long.items() if lines > 600} == {}

@@ -119,7 +119,8 @@ def test_adaptive_threads_applies_the_controllers_choice_and_times_the_step():
     now = [0.0]
     applied: list[ThreadSetting] = []
     settings = thread_ladder(2)
-    threads = AdaptiveThreads(settings, ThreadLadderController(3, start=0), apply=applied.append, clock=lambda: now[0])
+    threads = AdaptiveThreads(settings, ThreadLadderController(3, start=0), apply=applied.append,
+                              current=lambda: applied[-1] if applied else None, clock=lambda: now[0])
     for _ in range(300):
         with threads.step() as setting:
             assert setting == applied[-1]

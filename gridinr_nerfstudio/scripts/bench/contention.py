@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "TORCH:KERNELS thread counts")
     parser.add_argument("--rounds", type=int, default=1, help="cells per (load, policy), alternated; the median counts")
     parser.add_argument("--phases", action="store_true", help="also time the phases of each step")
+    parser.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                        help="batches made one step ahead in a thread (the data manager's default: auto, on)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the measured processes (e.g. OMP_WAIT_POLICY=PASSIVE); repeatable")
     return parser
@@ -66,8 +69,9 @@ def loads_of(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
     return rows
 
 
-def worker_command(data: Path | None, policy: str, seconds: float, phases: bool) -> list[str]:
-    spec = {"data": None if data is None else str(data), "policy": policy, "seconds": seconds, "phases": phases}
+def worker_command(data: Path | None, policy: str, seconds: float, phases: bool, prefetch: str) -> list[str]:
+    spec = {"data": None if data is None else str(data), "policy": policy, "seconds": seconds, "phases": phases,
+            "prefetch": prefetch}
     return [sys.executable, "-m", "gridinr_nerfstudio.scripts.bench.contention", "--worker", json.dumps(spec)]
 
 
@@ -77,7 +81,7 @@ def _burner() -> list[str]:
 
 
 @contextmanager
-def co_runners(busy: int, memory: bool, data: Path | None, env: dict) -> None:
+def co_runners(busy: int, memory: bool, data: Path | None, env: dict) -> Iterator[None]:
     """Start `busy` CPU burners and optionally a nice-19 training process; kill each of them (by its process
     group, which only it is in) when the block ends, however it ends."""
     started: list[subprocess.Popen] = []
@@ -86,7 +90,7 @@ def co_runners(busy: int, memory: bool, data: Path | None, env: dict) -> None:
         for _ in range(busy):
             started.append(subprocess.Popen(_burner(), stdout=subprocess.DEVNULL, start_new_session=True))
         if memory:
-            command = worker_command(data, "all", float("inf"), False)
+            command = worker_command(data, "all", float("inf"), False, "off")
             trainer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env,
                                        preexec_fn=lambda: os.nice(19))
             started.append(trainer)
@@ -104,9 +108,10 @@ def co_runners(busy: int, memory: bool, data: Path | None, env: dict) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def measure(data: Path | None, policy: str, seconds: float, phases: bool, env: dict) -> dict:
-    """One cell: a fresh process trains `seconds` under `policy` and reports what it did."""
-    result = subprocess.run(worker_command(data, policy, seconds, phases), capture_output=True, text=True, env=env)
+def measure(args: argparse.Namespace, policy: str, env: dict) -> dict:
+    """One cell: a fresh process trains `args.seconds` under `policy` and reports what it did."""
+    command = worker_command(args.data, policy, args.seconds, args.phases, args.prefetch)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"gridinr-bench contention: a training process failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -126,14 +131,14 @@ def run(args: argparse.Namespace) -> dict:
         env[name] = value
     cores = torch.get_num_threads()
     print(f"volume {args.data or 'builtin-default'}; {args.seconds:g} s of steps per cell, {args.rounds} round(s); "
-          f"{cores} threads = all; extra environment {args.env or 'none'}", flush=True)
+          f"{cores} threads = all; prefetch {args.prefetch}; extra environment {args.env or 'none'}", flush=True)
     rows: dict[str, dict] = {}
     for label, busy, memory in loads_of(args):
         samples: dict[str, list[dict]] = {policy: [] for policy in policies}
         with co_runners(busy, memory, args.data, env):
             for _ in range(args.rounds):
                 for policy in policies:
-                    samples[policy].append(measure(args.data, policy, args.seconds, args.phases, env))
+                    samples[policy].append(measure(args, policy, env))
         rows[label] = {}
         for policy, cells in samples.items():
             best = sorted(cells, key=lambda c: c["points_per_s"])[len(cells) // 2]  # the median cell
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
         print_row(label, rows[label], policies, args.phases)
     return {"rows": rows, "config": {"data": str(args.data or "builtin-default"), "seconds": args.seconds,
                                      "rounds": args.rounds, "threads_all": cores, "env": args.env,
-                                     "policies": policies}}
+                                     "policies": policies, "prefetch": args.prefetch}}
 
 
 def policy_label(policy: str) -> str:
@@ -186,13 +191,12 @@ def work(spec: dict) -> dict:
     
     parser = argparse.ArgumentParser()
     fit.add_parser(parser.add_subparsers())
-    argv = ["fit", "--contenders", "ours", "--device", "cpu"] + (["--data", spec["data"]] if spec["data"] else [])
-    args = parser.parse_args(argv)
-    cores = torch.get_num_threads()
-    threads = thread_policy_of(spec["policy"], cores)
+    argv = ["fit", "--contenders", "ours", "--device", "cpu", "--prefetch", spec["prefetch"]]
+    args = parser.parse_args(argv + (["--data", spec["data"]] if spec["data"] else []))
+    threads = thread_policy_of(spec["policy"], torch.get_num_threads())
     threads.apply_now()  # before the model and its warm-up are built
-    setup = fit.setup_contenders(args)
-    contender = setup.contenders[0]
+    contender = fit.setup_contenders(args).contenders[0]
+    contender.threads = threads  # the policy of this cell times and sets every step
     print("ready", flush=True)
     phase_ms: dict[str, list[float]] = {phase: [] for phase in PHASES}
     seconds, steps = 0.0, 0
@@ -204,8 +208,7 @@ def work(spec: dict) -> dict:
                 marks.append(time.perf_counter())
                 phase_ms[phase].append((marks[-1] - marks[-2]) * 1e3)
 
-        with threads.step():
-            seconds += contender.step(args.batch, min(seconds / spec["seconds"], 1.0), mark)
+        seconds += contender.step(args.batch, min(seconds / spec["seconds"], 1.0), mark)
         steps += 1
     result = {"points_per_s": steps * args.batch / seconds, "steps": steps, "seconds": seconds, "batch": args.batch,
               "threads": threads.summary()}
