@@ -21,8 +21,8 @@ rate decaying over the steps): quality at equal work, e.g. ``--contenders ours,o
 ``--threads`` defaults to ``adaptive``, what ``ns-train`` does on a CPU (thread_policy.py): each contender's steps
 pick, as they run, among one thread, our kernels on all threads with torch's ops on one, and everything on all
 threads (``gridinr-bench contention`` compares them idle and under load). A number fixes torch's and our
-kernels' count (0: torch's default). Batches are made one step ahead in a thread (``--prefetch``, as the data
-manager does; off where the volume is resident on the device).
+kernels' count (0: torch's default). ``--prefetch`` makes batches one step ahead in a thread, as the data manager's
+option does (auto: on CUDA, never where the volume is resident on the device).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def setup_contenders(args: argparse.Namespace) -> FitSetup:
         if name not in builders:
             raise SystemExit(f"gridinr-bench fit: unknown contender {name!r} (known: {', '.join(builders)})")
     resident = resident_chosen(args.resident, int(np.prod(volume.info.dims)), device)
-    prefetch = not resident and args.prefetch in ("auto", "on")
+    prefetch = not resident and (args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"))
 
     def sampler() -> VolumePointSampler | PrefetchingSampler:
         made = make_point_sampler(volume, aabb.cpu(), device="cpu" if prefetch else device,
@@ -285,7 +285,8 @@ def run(args: argparse.Namespace) -> dict:
     volume, device, settings, contenders = setup.volume, setup.device, setup.settings, setup.contenders
     encoding_lr, lr_final = setup.encoding_lr, setup.lr_final
     curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
-    samplers = {f"resident on {c.sampler.device.type}" if c.sampler.resident else "host" for c in contenders}
+    samplers = {f"resident on {c.sampler.device.type}" if getattr(c.sampler, "resident", False)
+                else "host, prefetched" if isinstance(c.sampler, PrefetchingSampler) else "host" for c in contenders}
     decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
     budget = f"{args.iterations} steps" if args.iterations > 0 else f"{args.seconds:.0f} s"
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {budget} per contender, "
