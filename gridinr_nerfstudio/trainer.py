@@ -153,7 +153,9 @@ class GridINRTrainer(Trainer):
                           "is evaluated only if its metrics.csv lacks its last step)", soft_wrap=True)
             self.step = self._start_step - 1
         self.config.max_num_iterations = max(0, total - self._start_step)  # nerfstudio runs range(start, start + this)
-        if self.config.cpu_threads == "adaptive" and self.device.split(":")[0] == "cpu":
+        # One process only: the ranks of a data-parallel run wait for each other in every all-reduce, so a rank's
+        # step time says little about its own threads (they keep distributed.py's share of the cores).
+        if self.config.cpu_threads == "adaptive" and self.device.split(":")[0] == "cpu" and self.world_size == 1:
             self.cpu_threads = AdaptiveThreads()
         try:
             super().train()

@@ -4,6 +4,8 @@ goes), `AdaptiveThreads` applying its choices, and the kernels' results under an
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import threading
 
 import pytest
@@ -296,3 +298,28 @@ def test_trainer_runs_its_steps_under_the_adaptive_policy(tmp_path, monkeypatch)
         assert created == []  # "fixed": no policy, torch's count throughout
     finally:
         thread_policy.apply_setting(ThreadSetting(before, 0))
+
+
+def test_contention_bench_measures_every_policy_and_the_code_before_in_one_run(tmp_path, capsys):
+    """``gridinr-bench contention`` with a burner: one row per load, a cell per policy (each a fresh training
+    process) and the ``--before`` interpreter's own ``gridinr-bench fit`` on 1 and all threads beside the same load;
+    the burners are gone afterwards."""
+    import json
+    import subprocess
+
+    from gridinr_nerfstudio.scripts.bench.cli import main as bench_main
+
+    output = tmp_path / "contention.json"
+    bench_main(["contention", "--seconds", "0.5", "--busy", "1", "--policies", "1,adaptive",
+                "--before", sys.executable, "--json", str(output)])
+    result = json.loads(output.read_text())
+    assert list(result["rows"]) == ["idle", "1 busy"]
+    cores = torch.get_num_threads()
+    for row in result["rows"].values():
+        assert set(row) == {"1", "adaptive", "before:1", f"before:{cores}"}
+        assert all(cell["points_per_s"] > 0 and cell["steps"] >= 1 for cell in row.values())
+        assert sum(row["adaptive"]["threads"]["steps_at"].values()) == row["adaptive"]["steps"]
+    printed = capsys.readouterr().out
+    assert "1 busy" in printed and "before all" in printed
+    burners = subprocess.run(["pgrep", "-P", str(os.getpid()), "yes"], capture_output=True, text=True).stdout
+    assert burners.strip() == ""

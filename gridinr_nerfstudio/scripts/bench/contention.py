@@ -10,6 +10,11 @@ streams its own hash tables through the caches). The co-runners are started befo
 it (also on Ctrl-C). Run it alone on the machine (``/work/wt/cpu gridinr-bench contention ...`` here): anything
 else running is an extra co-runner.
 
+``--before PYTHON`` adds the code before this policy to the same run, as columns ``before 1`` and ``before all``:
+that interpreter (e.g. a venv of an older checkout, ``/work/main/.venv/bin/python`` before the merge) runs its own
+``gridinr-bench fit --contenders ours --threads 1|N`` for the same seconds, beside the same co-runners: fixed
+thread counts and, there, OpenMP's static split of every kernel loop.
+
 ``--phases`` also reports the median milliseconds of each phase of a step (batch making, forward, backward,
 optimizer) per cell, which shows which parallel regions stall when a thread loses its core.
 """
@@ -52,6 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--phases", action="store_true", help="also time the phases of each step")
     parser.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
                         help="batches made one step ahead in a thread (the data manager's default: auto, on)")
+    parser.add_argument("--before", default=None, metavar="PYTHON",
+                        help="also measure `PYTHON -m gridinr_nerfstudio.scripts.bench.cli fit` (an older checkout's "
+                        "venv) with 1 and all threads, as columns 'before 1' and 'before all'")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the measured processes (e.g. OMP_WAIT_POLICY=PASSIVE); repeatable")
     return parser
@@ -117,6 +125,23 @@ def measure(args: argparse.Namespace, policy: str, env: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_before(args: argparse.Namespace, threads: int, env: dict) -> dict:
+    """One cell of the code before: ``--before``'s own ``gridinr-bench fit`` of ``ours`` on `threads` threads."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "fit.json"
+        command = [args.before, "-m", "gridinr_nerfstudio.scripts.bench.cli", "fit", "--contenders", "ours",
+                   "--device", "cpu", "--threads", str(threads), "--seconds", f"{args.seconds:g}", "--json", str(output)]
+        if args.data is not None:
+            command += ["--data", str(args.data)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
+        if result.returncode != 0 or not output.is_file():
+            raise RuntimeError(f"gridinr-bench contention: --before {args.before} failed:\n{result.stderr[-3000:]}")
+        ours = json.loads(output.read_text())["ours"]
+    return {"points_per_s": ours["train_points_per_s"], "steps": ours["iterations"]}
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -130,6 +155,10 @@ def run(args: argparse.Namespace) -> dict:
         name, _, value = item.partition("=")
         env[name] = value
     cores = torch.get_num_threads()
+    if args.before is not None:
+        if shutil.which(args.before) is None:
+            raise SystemExit(f"gridinr-bench contention: --before {args.before}: no such interpreter")
+        policies += ["before:1", f"before:{cores}"]
     print(f"volume {args.data or 'builtin-default'}; {args.seconds:g} s of steps per cell, {args.rounds} round(s); "
           f"{cores} threads = all; prefetch {args.prefetch}; extra environment {args.env or 'none'}", flush=True)
     rows: dict[str, dict] = {}
@@ -138,7 +167,10 @@ def run(args: argparse.Namespace) -> dict:
         with co_runners(busy, memory, args.data, env):
             for _ in range(args.rounds):
                 for policy in policies:
-                    samples[policy].append(measure(args, policy, env))
+                    if policy.startswith("before:"):
+                        samples[policy].append(measure_before(args, int(policy.split(":")[1]), env))
+                    else:
+                        samples[policy].append(measure(args, policy, env))
         rows[label] = {}
         for policy, cells in samples.items():
             best = sorted(cells, key=lambda c: c["points_per_s"])[len(cells) // 2]  # the median cell
@@ -150,6 +182,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def policy_label(policy: str) -> str:
+    if policy.startswith("before:"):
+        return "before 1" if policy == "before:1" else "before all"
     return {"1": "1 thread", "all": "all threads", "kernels": "kernels on all", "adaptive": "adaptive"}.get(
         policy, f"torch:kernels {policy}")
 
@@ -158,11 +192,15 @@ def print_row(label: str, row: dict, policies: list[str], phases: bool) -> None:
     """One load: M points/s per policy and the adaptive default against the better fixed count."""
     cells = "".join(f"{policy_label(p)} {row[p]['points_per_s'] / 1e6:6.3f}   " for p in policies)
     line = f"{label:<18} M points/s: {cells}"
-    fixed = [row[p]["points_per_s"] for p in policies if p != "adaptive"]
+    fixed = [row[p]["points_per_s"] for p in policies if p != "adaptive" and not p.startswith("before:")]
     if "adaptive" in row and fixed:
         steps = row["adaptive"]["threads"]["steps_at"]
         line += (f"adaptive/best fixed {row['adaptive']['points_per_s'] / max(fixed):.2f} "
                  f"(steps: {', '.join(f'{setting} {n}' for setting, n in steps.items())})")
+    if "adaptive" in row and "before:1" in row:
+        before = {p: row[p]["points_per_s"] for p in policies if p.startswith("before:")}
+        line += f"; adaptive/before 1 thread {row['adaptive']['points_per_s'] / row['before:1']['points_per_s']:.2f}"
+        line += f", adaptive/before best {row['adaptive']['points_per_s'] / max(before.values()):.2f}"
     print(line, flush=True)
     if phases:
         for policy in policies:
