@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.before is not None:
         if shutil.which(args.before) is None:
             raise SystemExit(f"gridinr-bench contention: --before {args.before}: no such interpreter")
-        policies += ["before:1", f"before:{cores}"]
+        args.before = str(Path(shutil.which(args.before)).absolute())  # the cells run in a temporary folder
+        policies += ["before:1"] + ([f"before:{cores}"] if cores > 1 else [])
     print(f"volume {args.data or 'builtin-default'}; {args.seconds:g} s of steps per cell, {args.rounds} round(s); "
           f"{cores} threads = all; prefetch {args.prefetch}; extra environment {args.env or 'none'}", flush=True)
     rows: dict[str, dict] = {}
