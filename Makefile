@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 # Dependencies first, each built in isolation as its authors intend, under constraints.txt; then our own
 # package alone (--no-deps) against the installed torch (--no-build-isolation), for the C++ extension.
-$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/fields/hash_grid/csrc/*.cpp gridinr_nerfstudio/rendering/csrc/*.cpp)
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard gridinr_nerfstudio/fields/hash_grid/csrc/*.cpp gridinr_nerfstudio/rendering/csrc/*.cpp gridinr_nerfstudio/csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/pip install -q -c constraints.txt $(TORCH)

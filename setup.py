@@ -46,6 +46,8 @@ if os.environ.get("GRIDINR_NO_EXT", "0") != "1":
                 CppExtension(
                     name=_name,
                     sources=[_src],
+                    # csrc/work_sharing.h: the kernels' parallel loops (dynamic packets, an explicit thread count)
+                    include_dirs=[os.path.abspath(os.path.join("gridinr_nerfstudio", "csrc"))],
                     # -fno-trapping-math / -fno-math-errno let GCC vectorise the float->int cell index loop and the
                     # sqrt of the Adam step; -ffp-contract=off keeps x * scale + shift rounded like the pure-PyTorch
                     # fallback (no FMA contraction).

@@ -42,6 +42,11 @@ class GridINRTrainerConfig(TrainerConfig):
     final_evaluation: bool = True
     """End the run with a full evaluation (a metrics.csv row; stage 2: reference/edit pairs), once, whatever
     --steps-per-eval-all-images and --vis are. False only to time training alone (gridinr-bench memory)."""
+    cpu_threads: Literal["adaptive", "fixed"] = "adaptive"
+    """On a CPU, one process: "adaptive" measures now and then whether one thread, our kernels on all threads, or
+    everything on all threads trains fastest, and keeps the fastest (thread_policy.py: one busy process beside a run
+    on 2 cores made all threads 3-5x slower than one, an idle machine makes them ~1.7x faster); "fixed": torch's
+    thread count throughout (OMP_NUM_THREADS), bit-for-bit repeatable runs."""
 
     def set_experiment_name(self) -> None:
         if self.experiment_name is None and self.pipeline.datamanager.data is None:

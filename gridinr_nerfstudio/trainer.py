@@ -28,6 +28,9 @@ generators are gathered into the checkpoint) and rank 0 writes it; a resume on a
 generators back, on another number of ranks the samplers' one shared state still continues the run. Evaluation
 batches and single eval images are computed once, by rank 0; full evaluations are split across the ranks. A
 distributed run ends when training ends (rank 0 does not stay on with the viewer).
+
+On a CPU, each training step runs under the adaptive thread policy (`thread_policy.py`, `--cpu-threads adaptive`,
+the default), which keeps the thread setting that trains fastest on the machine as it is.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from gridinr_nerfstudio import distributed
 from gridinr_nerfstudio.eval import eval_log, train_log
 from gridinr_nerfstudio.runs import list_checkpoints, read_newest_checkpoint, save_checkpoint_atomically
 from gridinr_nerfstudio.stages.base_pipeline import StagePipeline
+from gridinr_nerfstudio.thread_policy import AdaptiveThreads
 
 
 def torch_generators() -> Dict[str, Any]:
@@ -102,6 +106,9 @@ class GridINRTrainer(Trainer):
             config.viewer.quit_on_train_completion = True
         super().__init__(config, local_rank=local_rank, world_size=world_size)
 
+    cpu_threads: AdaptiveThreads | None = None
+    """The thread policy of the training steps (a CPU run with `cpu_threads` "adaptive"), else None."""
+
     def _load_checkpoint(self) -> None:
         load_dir, load_checkpoint = self.config.load_dir, self.config.load_checkpoint
         if load_dir is None and load_checkpoint is None:
@@ -146,10 +153,25 @@ class GridINRTrainer(Trainer):
                           "is evaluated only if its metrics.csv lacks its last step)", soft_wrap=True)
             self.step = self._start_step - 1
         self.config.max_num_iterations = max(0, total - self._start_step)  # nerfstudio runs range(start, start + this)
+        # One process only: the ranks of a data-parallel run wait for each other in every all-reduce, so a rank's
+        # step time says little about its own threads (they keep distributed.py's share of the cores).
+        if self.config.cpu_threads == "adaptive" and self.device.split(":")[0] == "cpu" and self.world_size == 1:
+            self.cpu_threads = AdaptiveThreads()
         try:
             super().train()
         finally:
             self.config.max_num_iterations = total
+        if self.cpu_threads is not None and self.cpu_threads.controller.rounds > 0:
+            summary = self.cpu_threads.summary()
+            CONSOLE.print(f"CPU threads (adaptive): steps per setting {summary['steps_at']}, "
+                          f"{summary['rounds']} measurements, ended on {summary['current']}")
+
+    def train_iteration(self, step: int):
+        """nerfstudio's step, timed by the thread policy that also picks its thread setting (CPU runs)."""
+        if self.cpu_threads is None:
+            return super().train_iteration(step)
+        with self.cpu_threads.step():
+            return super().train_iteration(step)
 
     @check_eval_enabled
     def eval_iteration(self, step: int) -> None:

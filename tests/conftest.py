@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
+    """(model name, weights file) of a tiny random open_clip model registered for the tests (tests/tiny_models.py)."""
+    from tiny_models import register_tiny_clip, save_tiny_clip_weights
+
+    root = tmp_path_factory.mktemp("tiny-clip")
+    name = register_tiny_clip(root / "configs")
+    with torch.random.fork_rng():  # save_tiny_clip_weights seeds the global RNG
+        return name, save_tiny_clip_weights(name, root / "open_clip_pytorch_model.bin")
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection attempt fails the test (weights must come from local files; `pytestmark =
+    pytest.mark.usefixtures("no_network")` in modules that load models)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="session")

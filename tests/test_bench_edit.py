@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import register_tiny_clip, save_tiny_clip_weights
 
 from gridinr_nerfstudio.gridinr_config import edit_fast_trainer_config, edit_trainer_config
 from gridinr_nerfstudio.scripts.bench.cli import main as bench_main
@@ -18,14 +17,6 @@ def keep_global_rng():
     """These tests draw random numbers (views, crops, MLP inits); later tests see the RNG as if they had not run."""
     with torch.random.fork_rng():
         yield
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-clip")
-    name = register_tiny_clip(root / "configs")
-    with torch.random.fork_rng():  # save_tiny_clip_weights seeds the global RNG
-        return name, save_tiny_clip_weights(name, root / "open_clip_pytorch_model.bin")
 
 
 def test_edit_benchmark_reports_both_profiles_and_the_clip_floor(tiny_fit_run: Path, tiny_clip, tmp_path: Path, capsys):

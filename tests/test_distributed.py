@@ -218,16 +218,6 @@ def _rank_worker(rank: int, world: int, rendezvous: str, output: str, data: str,
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from tiny_models import register_tiny_clip, save_tiny_clip_weights
-
-    root = tmp_path_factory.mktemp("tiny-clip")
-    name = register_tiny_clip(root / "configs")
-    with torch.random.fork_rng():  # save_tiny_clip_weights seeds the global RNG
-        return name, str(save_tiny_clip_weights(name, root / "open_clip_pytorch_model.bin"))
-
-
 def test_two_gloo_ranks_step_like_one_process_on_both_batches(volume_file, tiny_fit_run, tiny_clip, tmp_path):
     """Stage 1 (error-weighted batches: their errors summed over the ranks) and stage 2 (pixel and CLIP terms):
     parameters after one step of 2 ranks x B equal one process's on 2B within 1e-6; the ranks' parameters are

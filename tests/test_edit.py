@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import register_tiny_clip, save_tiny_clip_weights
 
 from gridinr_nerfstudio.gridinr_config import edit_trainer_config
 from gridinr_nerfstudio.stages.edit.clip_loss import ClipWeightsUnavailable
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-clip")
-    name = register_tiny_clip(root / "configs")
-    return name, save_tiny_clip_weights(name, root / "open_clip_pytorch_model.bin")
 
 
 def edit_pipeline(stage1_config: Path, lam_clip: float = 0.0, clip=None, target_image=None, lam_pix: float = 0.1, **model_overrides):

@@ -247,3 +247,60 @@ def test_packet_size_changes_the_schedule_not_the_image():
         assert all(torch.equal(got[key], expected[key]) for key in expected), size
     with pytest.raises(RuntimeError, match="at least one ray"):
         fused_march.cpp.set_packet_rays(0)
+
+
+def fused_image_and_gradient(kernel_threads: int, torch_threads: int = 1):
+    """The fused marcher's image and table gradient with our kernels on `kernel_threads` threads (the count
+    thread_policy passes to every C++ kernel) and torch's ops on `torch_threads`."""
+    from gridinr_nerfstudio import thread_policy
+
+    volume = reference_volumes()["builtin"]
+    field = DenseGridField(volume, HALF)
+    table, color_of = table_and_color(64)
+    table = table.float().requires_grad_(True)
+    origins, directions = rays(1000, 8)
+    grid = OccupancyGrid.from_volume(volume, HALF, 8).update(color_of(table.detach()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(torch_threads)
+        thread_policy.set_kernel_threads(kernel_threads)
+        out = render_rays(origins, directions, GridSamples(field, color_of(table)), torch.stack([-HALF, HALF]),
+                          num_samples=32, occupancy_grid=grid, early_stop_eps=0.01)
+        grad, = torch.autograd.grad(out["rgb"].square().sum(), table)
+    finally:
+        thread_policy.set_kernel_threads(0)
+        torch.set_num_threads(before)
+    return out["rgb"].detach(), out["accumulation"].detach(), grad
+
+
+def test_marcher_gives_the_same_frame_and_gradient_for_any_kernel_thread_count():
+    """The marcher runs on the explicit thread count of thread_policy (csrc/work_sharing.h: torch's OpenMP team when
+    torch is as large, else the inter-op pool); packets and gradient groups make results independent of it."""
+    expected = fused_image_and_gradient(1)
+    for kernel_threads, torch_threads in ((2, 1), (3, 1), (7, 1), (2, 2)):
+        got = fused_image_and_gradient(kernel_threads, torch_threads)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), (kernel_threads, torch_threads)
+
+
+def test_marcher_never_waits_for_a_helper_that_cannot_start():
+    """With every thread of torch's inter-op pool held busy, a march asked for 4 threads (torch's ops on one)
+    still finishes, on its calling thread, with the one-thread frame: an OpenMP team would wait at its barrier for
+    threads that a busy machine has not scheduled; our loops never wait for a thread that has not started."""
+    import threading
+
+    from gridinr_nerfstudio.fields.hash_grid import _backend
+
+    if not _backend.cpp_extension_available():
+        pytest.skip("C++ hash-grid extension (which holds the test hook) not built")
+    expected = fused_image_and_gradient(1)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.setdefault("got", fused_image_and_gradient(4)), daemon=True)
+    _backend.cpp._occupy_helpers(torch.get_num_interop_threads())
+    try:
+        worker.start()
+        worker.join(timeout=120)  # a hang guard, not a speed limit
+        finished = not worker.is_alive()
+    finally:
+        _backend.cpp._release_helpers()
+    assert finished, "the marcher waited for helpers that could not start"
+    assert all(torch.equal(a, b) for a, b in zip(result["got"], expected))

@@ -25,13 +25,14 @@ def modules() -> dict[str, Path]:
     return {module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
-def module_level_imports(path: Path, known: set[str]) -> set[str]:
-    """Package modules imported when `path` is imported (module level, outside `if TYPE_CHECKING:`)."""
+def module_level_imports(path: Path, known: set[str], for_types_too: bool = False) -> set[str]:
+    """Package modules imported when `path` is imported (module level, outside `if TYPE_CHECKING:` unless
+    `for_types_too`)."""
     found: set[str] = set()
 
     def visit(nodes) -> None:
         for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and not for_types_too:
                 continue
             if isinstance(node, (ast.If, ast.Try)):
                 visit(node.body)
@@ -71,9 +72,12 @@ print(sorted(m for m in ("open_clip", "lpips") if m in sys.modules))
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_no_import_cycles():
+@pytest.mark.parametrize("for_types_too", [False, True], ids=["imports", "imports-for-types-too"])
+def test_no_import_cycles(for_types_too):
+    """No cycle, also none hidden behind `if TYPE_CHECKING:` (two modules that need each other's types share a
+    home for them instead, e.g. rendering/field_functions.py)."""
     known = modules()
-    graph = {name: module_level_imports(path, set(known)) - {name} for name, path in known.items()}
+    graph = {name: module_level_imports(path, set(known), for_types_too) - {name} for name, path in known.items()}
     # A package's __init__ runs before its submodules: importing a.b imports a.
     for name in list(graph):
         parent = name.rpartition(".")[0]
@@ -98,6 +102,16 @@ def test_no_import_cycles():
         if node not in state:
             visit(node)
     assert "gridinr_nerfstudio.stages.base_model" in graph  # the walk saw the package
+
+
+def test_test_fixtures_are_defined_once():
+    """A fixture that several test modules use is defined once, in tests/conftest.py, not copied into each."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(d) for d in node.decorator_list):
+                defined.setdefault(node.name, []).append(path.name)
+    assert {name: files for name, files in defined.items() if len(files) > 1} == {}
 
 
 def test_no_module_over_600_lines():
@@ -128,6 +142,7 @@ LAYERS = {
     "data.volume_io": 0, "data.readers": 0, "data.default_volume": 0, "data.orbit_cameras": 0, "data.file_digest": 0,
     "data.timesteps": 0, "data.camera_distributions": 0, "safe_write": 0,
     "fields": 1, "transfer": 1, "device_defaults": 1, "distributed": 1, "helper_modules": 1,
+    "thread_policy": 1,
     "rendering": 2,
     "data.dataparser": 3, "eval": 3, "runs": 3,
     "stages": 4, "trainer": 4, "export": 4,
@@ -159,8 +174,8 @@ def test_design_module_table_matches_the_tree():
     listed = set()
     for line in design.splitlines():
         cell = line.split("|")[1] if line.startswith("| `") else ""
-        if cell.strip().endswith((".py`", ".cpp`")):
+        if cell.strip().endswith((".py`", ".cpp`", ".h`")):
             listed.add(cell.strip().strip("`"))
-    files = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*") if path.suffix in (".py", ".cpp")
+    files = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*") if path.suffix in (".py", ".cpp", ".h")
              and path.name != "__init__.py"}
     assert listed == files

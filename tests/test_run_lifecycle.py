@@ -88,7 +88,7 @@ def test_the_methods_defaults_end_with_a_full_evaluation(method, tmp_path, tiny_
 
 @pytest.mark.parametrize("eval_every, save_every, rows_expected", [(3, 3, ["3"]), (2, 10, ["2", "3"]), (0, 0, ["3"])])
 def test_the_final_evaluation_and_checkpoint_happen_once(tmp_path, monkeypatch, eval_every, save_every, rows_expected,
-                                                        small_volume):
+                                                        small_npy):
     """When the step settings line up with the last step (evaluated and saved in the loop) nothing is repeated;
     when they do not (or are 0: never during training) the end adds exactly one of each."""
     from gridinr_nerfstudio import trainer as trainer_module
@@ -102,7 +102,7 @@ def test_the_final_evaluation_and_checkpoint_happen_once(tmp_path, monkeypatch, 
         config.final_evaluation = True
         config.steps_per_eval_all_images, config.steps_per_save = eval_every, save_every
 
-    run = train_tiny_fit(tmp_path, small_volume, iterations=4, configure=settings).parent
+    run = train_tiny_fit(tmp_path, small_npy, iterations=4, configure=settings).parent
     assert [row["step"] for row in csv_rows(run / "metrics.csv")] == rows_expected
     assert saves.count("step-000000003.ckpt") == 1
 
@@ -135,7 +135,7 @@ def evaluated_every_2(config):
 
 
 @pytest.fixture(scope="module")
-def small_volume(tmp_path_factory) -> Path:
+def small_npy(tmp_path_factory) -> Path:
     """A 12^3 random volume: its evaluations take milliseconds (the built-in 96^3 one's, seconds)."""
     import numpy as np
 
@@ -144,12 +144,12 @@ def small_volume(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_resumed_run_continues_in_its_own_folder(tmp_path, monkeypatch, capsys, small_volume):
+def test_a_resumed_run_continues_in_its_own_folder(tmp_path, monkeypatch, capsys, small_npy):
     """Killed at step 7 (checkpoint at 4, evaluations at 2, 4, 6), resumed with the same command plus --load-dir:
     one folder, one history (step 6's row, lost with the kill, comes again once), the same rows as a run never
     stopped, the same config.yml."""
-    whole = train_tiny_fit(tmp_path / "whole", small_volume, iterations=8, configure=evaluated_every_2).parent
-    run = train_killed(tmp_path / "outputs", monkeypatch, 8, 7, evaluated_every_2, small_volume)
+    whole = train_tiny_fit(tmp_path / "whole", small_npy, iterations=8, configure=evaluated_every_2).parent
+    run = train_killed(tmp_path / "outputs", monkeypatch, 8, 7, evaluated_every_2, small_npy)
     config_before = settings(run / "config.yml")
     assert [row["step"] for row in csv_rows(run / "metrics.csv")] == ["2", "4", "6"]
     capsys.readouterr()
@@ -158,7 +158,7 @@ def test_a_resumed_run_continues_in_its_own_folder(tmp_path, monkeypatch, capsys
         evaluated_every_2(config)
         config.load_dir = run / "nerfstudio_models"
 
-    resumed = train_tiny_fit(tmp_path / "outputs", small_volume, iterations=8, configure=resume).parent
+    resumed = train_tiny_fit(tmp_path / "outputs", small_npy, iterations=8, configure=resume).parent
     assert resumed == run and only_run(tmp_path / "outputs", "gridinr-fit") == run
     output = " ".join(capsys.readouterr().out.split())
     assert f"Resuming {run} in place from step-000000004.ckpt (step 4)" in output
@@ -173,14 +173,14 @@ def test_a_resumed_run_continues_in_its_own_folder(tmp_path, monkeypatch, capsys
     assert [path.name for path in (run / "nerfstudio_models").iterdir()] == ["step-000000007.ckpt"]
 
 
-def test_resume_with_changed_options(tmp_path, monkeypatch, capsys, small_volume):
+def test_resume_with_changed_options(tmp_path, monkeypatch, capsys, small_npy):
     """How the run goes on may change (said, the earlier config kept); what it learns may not (refused, nothing
     written); an option left out takes the run's value."""
     def trained_with(config):
         evaluated_every_2(config)
         config.pipeline.datamanager.continuous_fraction = 0.5  # not the default: the resume command leaves it out
 
-    run = train_killed(tmp_path / "outputs", monkeypatch, 8, 6, trained_with, small_volume)
+    run = train_killed(tmp_path / "outputs", monkeypatch, 8, 6, trained_with, small_npy)
     files_before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
 
     def resume(**changes):
@@ -193,14 +193,14 @@ def test_resume_with_changed_options(tmp_path, monkeypatch, capsys, small_volume
         return configure
 
     with pytest.raises(SystemExit) as refused:
-        train_tiny_fit(tmp_path / "outputs", small_volume, iterations=8, configure=resume(num_levels=4))
+        train_tiny_fit(tmp_path / "outputs", small_npy, iterations=8, configure=resume(num_levels=4))
     message = str(refused.value.code)
     assert "\n" not in message and "--pipeline.model.field.num-levels 4 (the run has 8)" in message
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == files_before
     assert [only_run(tmp_path / "outputs", "gridinr-fit")] == [run]
 
     capsys.readouterr()
-    train_tiny_fit(tmp_path / "outputs", small_volume, iterations=10, configure=resume(max_num_iterations=10))
+    train_tiny_fit(tmp_path / "outputs", small_npy, iterations=10, configure=resume(max_num_iterations=10))
     output = " ".join(capsys.readouterr().out.split())
     assert "; changed: " in output and "--max-num-iterations 8 -> 10" in output
     assert "its earlier config.yml kept as config.until-step-4.yml" in output
@@ -212,13 +212,13 @@ def test_resume_with_changed_options(tmp_path, monkeypatch, capsys, small_volume
     assert [row["step"] for row in csv_rows(run / "metrics.csv")] == ["2", "4", "6", "8", "9"]
 
 
-def test_resuming_a_completed_run(tmp_path, capsys, small_volume):
+def test_resuming_a_completed_run(tmp_path, capsys, small_npy):
     """Nothing left to train: no new checkpoint; the final evaluation runs only if the run lacks it (runs made
     before every run ended with one)."""
     def evaluated(config):
         config.final_evaluation = True
 
-    run = train_tiny_fit(tmp_path / "outputs", small_volume, iterations=4, configure=evaluated).parent
+    run = train_tiny_fit(tmp_path / "outputs", small_npy, iterations=4, configure=evaluated).parent
     (checkpoint,) = (run / "nerfstudio_models").iterdir()
     saved = checkpoint.stat().st_mtime_ns
 
@@ -226,12 +226,12 @@ def test_resuming_a_completed_run(tmp_path, capsys, small_volume):
         evaluated(config)
         config.load_dir = run / "nerfstudio_models"
 
-    train_tiny_fit(tmp_path / "outputs", small_volume, iterations=4, configure=resume)
+    train_tiny_fit(tmp_path / "outputs", small_npy, iterations=4, configure=resume)
     assert "already completed all 4 steps" in capsys.readouterr().out
     assert [row["step"] for row in csv_rows(run / "metrics.csv")] == ["3"]  # not evaluated twice
     assert checkpoint.stat().st_mtime_ns == saved and list((run / "nerfstudio_models").iterdir()) == [checkpoint]
     (run / "metrics.csv").unlink()  # a run from before: never evaluated
-    train_tiny_fit(tmp_path / "outputs", small_volume, iterations=4, configure=resume)
+    train_tiny_fit(tmp_path / "outputs", small_npy, iterations=4, configure=resume)
     assert [row["step"] for row in csv_rows(run / "metrics.csv")] == ["3"]
 
 

@@ -37,6 +37,7 @@ from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO, Viewer
 from nerfstudio.viewer.viewer_elements import ViewerElement
 
 from gridinr_nerfstudio.data.orbit_cameras import look_at, pinhole_cameras
+from gridinr_nerfstudio.stages.viewer_controls import StartCamera
 
 MAX_RES = 96
 """The viewer's "Max res" for these tests: full-resolution renders stay quick on a CPU."""
@@ -156,6 +157,47 @@ def test_viewer_render_is_the_model_render_and_follows_controls(viewer):
     assert (viewer_render(viewer, browser)[0, 0] >= 254).all()
 
 
+class ClientStandIn:
+    """What `StartCamera.place` uses of a viser client: `atomic()` and a camera whose pose it sets."""
+
+    def __init__(self) -> None:
+        self.camera = SimpleNamespace(position=None, look_at=None, up_direction=None, fov=None)
+
+    @contextlib.contextmanager
+    def atomic(self):
+        yield
+
+
+def test_viewer_clients_open_at_the_first_evaluation_camera(viewer):
+    """A new client is placed where the run's first evaluation camera is (not viser's start camera near the centre
+    of the volume): the viewer's render from that pose is the model's render of that evaluation camera."""
+    model = viewer.pipeline.model
+    (start,) = [control for control in viewer.viewer_controls if isinstance(control, StartCamera)]
+    client = ClientStandIn()
+    start.place(client)  # what viser calls for each new client (the browser test sees it happen)
+    camera = client.camera
+    eval_camera = viewer.pipeline.datamanager.eval_dataset.cameras[0]
+    eval_c2w = eval_camera.camera_to_worlds.double()
+    position = torch.as_tensor(camera.position, dtype=torch.float64) / VISER_NERFSTUDIO_SCALE_RATIO
+    torch.testing.assert_close(position, eval_c2w[:, 3])
+    assert float(position.norm()) == pytest.approx(2.5, abs=1e-6)  # the orbit, outside the volume
+    assert tuple(camera.up_direction) == (0.0, 0.0, 1.0)
+
+    c2w = look_at(position[None].float(), torch.as_tensor(camera.look_at, dtype=torch.float32)
+                  / VISER_NERFSTUDIO_SCALE_RATIO, torch.tensor(camera.up_direction, dtype=torch.float32))[0]
+    wxyz = (vtf.SO3.from_matrix(c2w[:, :3].double().numpy()) @ vtf.SO3.from_x_radians(np.pi)).wxyz
+    browser = BrowserStandIn(position.float(), math.degrees(camera.fov))
+    browser.camera.wxyz = wxyz  # the pose viser derives from position, look_at and up
+    seen = viewer_render(viewer, browser)
+
+    reference = pinhole_cameras(eval_c2w[None].float(), MAX_RES, math.degrees(camera.fov)).to(model.device)
+    with torch.no_grad():
+        expected = (model.get_outputs_for_camera(reference)["rgb"] * 255).type(torch.uint8).cpu().numpy()
+    assert math.degrees(camera.fov) == pytest.approx(45.0, abs=1e-4)  # our cameras' field of view
+    assert np.abs(seen.astype(int) - expected).max() <= 1
+    assert 0.1 < (seen.max(axis=-1) > 40).mean() < 0.9  # the whole volume in view, not a close-up of its inside
+
+
 # ---------------------------------------------------------------------------------------------------------
 # In headless Chromium, as a person would see it.
 
@@ -273,14 +315,11 @@ def test_viewer_page_in_headless_chromium_shows_the_volume(viewer, tmp_path):
             page.call("Emulation.setDeviceMetricsOverride", width=1000, height=700, deviceScaleFactor=1, mobile=False)
             page.call("Page.navigate", url=url)
             wait_for(lambda: "0x0px" not in viewer.stats_markdown.content, 60, "the page to connect and get a first render")
-            default_view = settled_view(viewer, page, timeout=60)  # viser's start camera, near the centre
-            (client,) = viewer.viser_server.get_clients().values()
-            with client.atomic():  # look at the volume from outside, world z up (viser units: x10)
-                client.camera.position = eye_at(2.5 * VISER_NERFSTUDIO_SCALE_RATIO, 20.0, 30.0).numpy()
-                client.camera.look_at = (0.0, 0.0, 0.0)
-                client.camera.up_direction = (0.0, 0.0, 1.0)
-            first = settled_view(viewer, page, timeout=60, unlike=default_view)
+            first = settled_view(viewer, page, timeout=60)  # the camera the page opened with, never moved
             imageio.imwrite(tmp_path / "viewer_inferno.png", first)
+            (client,) = viewer.viser_server.get_clients().values()
+            eval_eye = viewer.pipeline.datamanager.eval_dataset.cameras[0].camera_to_worlds[:, 3].double().numpy()
+            np.testing.assert_allclose(client.camera.position / VISER_NERFSTUDIO_SCALE_RATIO, eval_eye, atol=1e-4)
 
             lit = volume_pixels(first)
             assert 0.05 < lit.mean() < 0.8, f"{lit.mean():.3f} of the view is lit (screenshot {tmp_path})"

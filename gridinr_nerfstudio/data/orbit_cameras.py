@@ -12,10 +12,14 @@ import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
 
 
+WORLD_UP = (0.0, 0.0, 1.0)
+"""The up direction of every camera we make (and of the viewer's orbit controls)."""
+
+
 def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """Camera-to-world matrices (N, 3, 4) for cameras at `eye` (N, 3) looking at `target` (default origin)."""
     target = torch.zeros(3) if target is None else target
-    up = torch.tensor([0.0, 0.0, 1.0]) if up is None else up
+    up = torch.tensor(WORLD_UP) if up is None else up
     forward = torch.nn.functional.normalize(target - eye, dim=-1)
     right = torch.linalg.cross(forward, up.expand_as(forward), dim=-1)
     # A camera straight above or below the target has no defined right vector: pick the x axis.

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.memmap_grid import MemmapGridField
+from gridinr_nerfstudio.thread_policy import kernel_threads
 
 if TYPE_CHECKING:
     from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
@@ -174,7 +175,7 @@ class FusedMarch(torch.autograd.Function):
         grad_table = cpp.backward(
             m["origins"], m["directions"], m["box"], m["source"].voxels, m["source"].params, table, m["occupied"],
             m["cell_box"], m["offsets"], m["num_samples"], m["early_stop_eps"], m["normal_eps"], m["shading"],
-            sums, grad_sums.contiguous().to(sums.dtype),
+            sums, grad_sums.contiguous().to(sums.dtype), kernel_threads(),
         )
         return grad_table, None
 
@@ -194,7 +195,7 @@ def _march_forward(table: torch.Tensor, m: dict) -> torch.Tensor:
         counts = cpp.forward(
             m["origins"], m["directions"], m["box"], m["source"].voxels, m["source"].params, table, m["occupied"],
             m["cell_box"], m["offsets"], m["num_samples"], m["early_stop_eps"], m["normal_eps"], m["shading"],
-            bricks is not None, rays, sums, transmittance, next_sample, cells,
+            bricks is not None, rays, sums, transmittance, next_sample, cells, kernel_threads(),
         ).tolist()
         if stats is not None:
             if rays.numel() == 0:  # the first round: resumed rays were counted then

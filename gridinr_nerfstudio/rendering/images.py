@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from nerfstudio.cameras.cameras import Cameras
 
-from gridinr_nerfstudio.rendering.raymarch import SampleFn, render_rays
+from gridinr_nerfstudio.rendering.field_functions import SampleFn
+from gridinr_nerfstudio.rendering.raymarch import render_rays
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gridinr_nerfstudio.rendering.raymarch import ValueFn
+from gridinr_nerfstudio.rendering.field_functions import ValueFn
 
 
 def _macrocell_reduce(values: torch.Tensor, cells: Sequence[int], reduce: Callable) -> torch.Tensor:

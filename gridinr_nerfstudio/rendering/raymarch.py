@@ -12,18 +12,14 @@ Autograd flows through all chunks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
-
-SampleFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-ValueFn = Callable[[torch.Tensor], torch.Tensor]
+from gridinr_nerfstudio.rendering.field_functions import SampleFn, ValueFn
+from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 
 
 @dataclass

@@ -30,11 +30,12 @@ from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
 from gridinr_nerfstudio.helper_modules import HelperModules
 from gridinr_nerfstudio.rendering.fused_march import GridNormals, GridSamples
+from gridinr_nerfstudio.rendering.field_functions import SampleFn, ValueFn
 from gridinr_nerfstudio.rendering.images import render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
-from gridinr_nerfstudio.rendering.raymarch import SampleFn, ValueFn, estimate_normals, render_rays
+from gridinr_nerfstudio.rendering.raymarch import estimate_normals, render_rays
 from gridinr_nerfstudio.rendering.settings import RenderSettings
-from gridinr_nerfstudio.stages.viewer_controls import render_controls
+from gridinr_nerfstudio.stages.viewer_controls import StartCamera, render_controls
 
 ColorFn = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -98,6 +99,7 @@ class StageModel(Model):
         self.cache_time: float = 0.0
         for name, element in render_controls(self.render_settings).items():
             setattr(self, f"viewer_{name}", element)
+        self.viewer_start_camera = StartCamera()  # every viewer client opens at the first evaluation camera
 
     @property
     def field_cache(self) -> Optional[Union[DenseGridField, BrickFieldCache]]:

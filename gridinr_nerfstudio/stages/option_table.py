@@ -143,6 +143,7 @@ OPTION_TABLE: Dict[str, Entry] = {
     "machine.machine_rank": _row(AtLeast(0), CHANGE),
     "machine.dist_url": _row(Free("nerfstudio's distributed address"), CHANGE),
     "machine.device_type": _row(Check(_device_problem, "cpu, cuda or mps, and available here"), CHANGE),
+    "cpu_threads": _row(Choice(), CHANGE),  # how a CPU run picks its threads (thread_policy.py), not what it trains
     # Logging and viewer: how a run is watched.
     "logging.relative_log_dir": _row(Free("logger folder inside the run folder"), CHANGE),
     "logging.steps_per_log": _row(AtLeast(1), CHANGE),

@@ -7,6 +7,7 @@ and our Triton kernels (importing triton takes a second) are imported lazily. Re
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -41,6 +42,28 @@ def cpp_extension_available() -> bool:
 def tcnn_available() -> bool:
     """True when ``import tinycudann`` works (it needs CUDA)."""
     return _lazy_module(TCNN_MODULE) is not False
+
+
+_tcnn_refusals_said: set[str] = set()
+
+
+def tcnn_usable(device: torch.device) -> bool:
+    """Whether the ``auto`` backend may use tiny-cuda-nn on `device`: installed, its subprocess probe (a forward and
+    backward pass, tcnn_probe.py) passed on this build and device, and it imports. When it is installed but
+    refused, one line on stderr says why (once per device and process)."""
+    from gridinr_nerfstudio.fields.hash_grid import tcnn_probe
+
+    if tcnn_probe.build_identity(TCNN_MODULE) is None:
+        return False
+    verdict = tcnn_probe.probe(TCNN_MODULE, device)
+    if verdict.ok and tcnn_available():
+        return True
+    if str(device) not in _tcnn_refusals_said:
+        _tcnn_refusals_said.add(str(device))
+        reason = verdict.reason if not verdict.ok else "it does not import in this process"
+        print(f"gridinr: tiny-cuda-nn not used on {device}: {reason} (verdict cached in {tcnn_probe.cache_path()}); "
+              "using the next backend", file=sys.stderr)
+    return False
 
 
 def triton_available() -> bool:

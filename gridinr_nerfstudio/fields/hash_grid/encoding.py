@@ -5,13 +5,16 @@ Why: nerfstudio's ``HashEncoding(implementation="torch")`` manages about 0.02 M 
 backends behind the same interface:
 
 - ``"tcnn"``: tiny-cuda-nn (``tinycudann.Encoding``) for CUDA tensors, when it imports;
-- ``"cpp"``: our C++/OpenMP kernels (``csrc/hash_grid.cpp``) for CPU tensors, when the extension is built;
+- ``"cpp"``: our multi-threaded C++ kernels (``csrc/hash_grid.cpp``) for CPU tensors, when the extension is built
+  (threads: ``thread_policy.kernel_threads()``);
 - ``"triton"``: our Triton kernels (``_triton.py``; fused inference in ``_triton_fused.py``) for CUDA tensors
   (CPU tensors too when the kernels were loaded under ``TRITON_INTERPRET=1``, which is how the tests check them);
 - ``"torch"``: pure PyTorch, any device (the fallback, and the readable statement of the math).
 
-``backend="auto"`` picks, per call: on CUDA tcnn if it imports, else triton, else torch; on CPU cpp if built, else
-torch (never triton: the interpreter is for tests).
+``backend="auto"`` picks, per call: on CUDA tcnn if it passed its one-time subprocess probe on this device
+(``tcnn_probe.py``: a segmentation fault inside tcnn cannot be caught, so it must happen in a child process), else
+triton, else torch; on CPU cpp if built, else torch (never triton: the interpreter is for tests). An explicit
+``backend="tcnn"`` is used without the probe.
 
 Grid geometry (``convention="tcnn"``, tiny-cuda-nn's ``HashGrid``; float32 like tcnn):
     level l scale ``s_l = exp2(l * log2(per_level_scale)) * base_resolution - 1``, ``r_l = ceil(s_l) + 1``
@@ -56,6 +59,7 @@ from gridinr_nerfstudio.fields.hash_grid.geometry import (
     nerfstudio_geometry,
     tcnn_geometry,
 )
+from gridinr_nerfstudio.thread_policy import kernel_threads
 
 Backend = Literal["auto", "tcnn", "triton", "cpp", "torch"]
 BACKENDS = ("auto", "tcnn", "triton", "cpp", "torch")
@@ -71,7 +75,7 @@ class _HashGridCppFunction(torch.autograd.Function):
     def forward(ctx, positions, params, scales, level_info, shift, features):  # type: ignore[override]
         ctx.save_for_backward(positions, params)
         ctx.grid = (scales, level_info, shift, features)
-        return _backend.cpp.forward(positions, params, scales, level_info, shift, features)
+        return _backend.cpp.forward(positions, params, scales, level_info, shift, features, kernel_threads())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -81,10 +85,14 @@ class _HashGridCppFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_positions = grad_params = None
         if ctx.needs_input_grad[0]:
-            grad_positions = _backend.cpp.backward_positions(positions, params, grad_out, scales, level_info, shift, features)
+            grad_positions = _backend.cpp.backward_positions(
+                positions, params, grad_out, scales, level_info, shift, features, kernel_threads()
+            )
         if ctx.needs_input_grad[1]:
             grad_params = _backend.take_zeroed_grad_buffer(params)
-            _backend.cpp.backward_params(positions, grad_out, grad_params, scales, level_info, shift, features)
+            _backend.cpp.backward_params(
+                positions, grad_out, grad_params, scales, level_info, shift, features, kernel_threads()
+            )
         return grad_positions, grad_params, None, None, None, None
 
 
@@ -172,7 +180,7 @@ class HashGridEncoding(nn.Module):
         )
         triton_dtype = self.params.dtype in (torch.float32, torch.float64)
         if self.backend == "auto":
-            if tcnn_ok and tcnn_available():
+            if tcnn_ok and _backend.tcnn_usable(device):  # only once a subprocess probe has run it (tcnn_probe.py)
                 return "tcnn"
             if device.type == "cuda" and triton_dtype and triton_available():
                 return "triton"
@@ -254,6 +262,7 @@ class HashGridEncoding(nn.Module):
                 self.features_per_level,
                 [layer.weight.detach().t().contiguous() for layer in layers],
                 [layer.bias.detach() if layer.bias is not None else self.params.new_empty(0) for layer in layers],
+                kernel_threads(),
             )
 
     def fused_triton_enabled(self) -> bool:

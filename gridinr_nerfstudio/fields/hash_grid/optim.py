@@ -8,6 +8,7 @@ import torch
 
 from gridinr_nerfstudio.fields.hash_grid import _backend
 from gridinr_nerfstudio.fields.hash_grid._torch_impl import torch_sparse_adam_step
+from gridinr_nerfstudio.thread_policy import kernel_threads
 
 
 class HashGridAdam(torch.optim.Optimizer):
@@ -65,7 +66,8 @@ class HashGridAdam(torch.optim.Optimizer):
                 )
                 if fused:
                     _backend.cpp.sparse_adam_step(
-                        param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"]
+                        param, grad, state["exp_avg"], state["exp_avg_sq"], step_size, beta1, beta2, group["eps"],
+                        kernel_threads(),
                     )
                 elif triton_ok:
                     _backend.triton_module().sparse_adam_step(

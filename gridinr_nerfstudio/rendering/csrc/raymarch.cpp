@@ -18,8 +18,10 @@
 // are split into kGradientGroups groups handed out dynamically, each adding into its own copy of the table
 // gradient (no atomics); the copies are summed in group order, so the gradient is deterministic.
 //
-// Rays are handed out in packets of kPacket with OpenMP's dynamic schedule, so a thread that loses its core
-// (another process on a shared machine) delays only the packets it holds, not a fixed share of the frame.
+// Rays are handed out in packets of kPacket through gridinr::parallel_items (csrc/work_sharing.h) on the explicit
+// thread count the caller passes (thread_policy.kernel_threads()), so a thread that loses its core (another process
+// on a shared machine) delays only the packet it holds, not a fixed share of the frame, and the caller never waits
+// for a helper thread that has not started.
 // `set_packet_rays` changes the forward's packet size (benchmarks: one packet per thread is a static split).
 //
 // Lattices decoded lazily (fields/brick_cache.py) hold NaN where nothing is decoded yet: with suspend_on_nan the
@@ -38,7 +40,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "work_sharing.h"
+
 namespace {
+
+int no_scratch() { return 0; }
+
+// threads: how many threads the kernels may use (0: torch's intra-op count); results do not depend on it.
+int64_t thread_count(int64_t threads) { return threads > 0 ? threads : at::get_num_threads(); }
 
 constexpr int64_t kPacket = 16;  // rays per dynamically scheduled work item
 std::atomic<int64_t> g_packet_rays{kPacket};  // the forward's packet size (set_packet_rays)
@@ -519,7 +528,7 @@ std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Ten
                                   const torch::Tensor& offsets, int64_t num_samples, double early_stop_eps,
                                   double normal_eps, bool shading, bool suspend_on_nan, const torch::Tensor& rays,
                                   torch::Tensor& sums, torch::Tensor& transmittance, torch::Tensor& next_sample,
-                                  torch::Tensor& suspended_cells) {
+                                  torch::Tensor& suspended_cells, int64_t threads) {
   const int64_t num_rays = origins.size(0);
   std::vector<int64_t> totals(3, 0);
   const auto opt = make_options<scalar_t>(box, table, offsets, num_samples, early_stop_eps, normal_eps, shading,
@@ -540,23 +549,26 @@ std::vector<int64_t> forward_impl(const torch::Tensor& origins, const torch::Ten
     using voxel_t = decltype(voxel_tag);
     const auto grid = make_grid<voxel_t, scalar_t>(volume, grid_params);
     const Marcher<voxel_t, scalar_t> marcher{grid, skip ? &cells : nullptr, opt};
-    int64_t hits = 0, evaluated = 0, suspended = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) reduction(+ : hits, evaluated, suspended)
-    for (int64_t packet = 0; packet < packets; ++packet) {
+    std::atomic<int64_t> hits{0}, evaluated{0}, suspended{0};
+    gridinr::parallel_items(packets, threads, no_scratch, [&](int64_t packet, int) {
+      int64_t packet_hits = 0, packet_evaluated = 0, packet_suspended = 0;
       const int64_t end = std::min(count, (packet + 1) * packet_rays);
       for (int64_t k = packet * packet_rays; k < end; ++k) {
         const int64_t r = subset ? subset[k] : k;
         if (next[r] < 0) continue;
         scalar_t t_near, t_far;
-        if (next[r] == 0 && intersect(o + 3 * r, d + 3 * r, opt.box_low, opt.box_high, t_near, t_far)) ++hits;
+        if (next[r] == 0 && intersect(o + 3 * r, d + 3 * r, opt.box_low, opt.box_high, t_near, t_far)) ++packet_hits;
         scalar_t T = trans[r];
         Accumulate<scalar_t> add{sum + r * opt.channels, opt.channels};
-        next[r] = marcher.march(r, o + 3 * r, d + 3 * r, next[r], T, evaluated, nan_cells + 3 * r, add);
+        next[r] = marcher.march(r, o + 3 * r, d + 3 * r, next[r], T, packet_evaluated, nan_cells + 3 * r, add);
         trans[r] = T;
-        suspended += next[r] >= 0;
+        packet_suspended += next[r] >= 0;
       }
-    }
-    totals = {hits, evaluated, suspended};
+      hits.fetch_add(packet_hits, std::memory_order_relaxed);
+      evaluated.fetch_add(packet_evaluated, std::memory_order_relaxed);
+      suspended.fetch_add(packet_suspended, std::memory_order_relaxed);
+    });
+    totals = {hits.load(), evaluated.load(), suspended.load()};
   });
   return totals;
 }
@@ -566,7 +578,8 @@ void backward_impl(const torch::Tensor& origins, const torch::Tensor& directions
                    const torch::Tensor& volume, const torch::Tensor& grid_params, const torch::Tensor& table,
                    const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
                    int64_t num_samples, double early_stop_eps, double normal_eps, bool shading,
-                   const torch::Tensor& sums, const torch::Tensor& grad_sums, torch::Tensor& grad_table) {
+                   const torch::Tensor& sums, const torch::Tensor& grad_sums, torch::Tensor& grad_table,
+                   int64_t threads) {
   const int64_t num_rays = origins.size(0);
   const int64_t channels = sums.size(1);
   const auto opt = make_options<scalar_t>(box, table, offsets, num_samples, early_stop_eps, normal_eps, shading,
@@ -586,8 +599,7 @@ void backward_impl(const torch::Tensor& origins, const torch::Tensor& directions
     using voxel_t = decltype(voxel_tag);
     const auto grid = make_grid<voxel_t, scalar_t>(volume, grid_params);
     const Marcher<voxel_t, scalar_t> marcher{grid, skip ? &cells : nullptr, opt};
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-    for (int64_t group = 0; group < groups; ++group) {
+    gridinr::parallel_items(groups, threads, no_scratch, [&](int64_t group, int) {
       auto& table_grad = partial[group];
       table_grad.assign(entries, scalar_t(0));
       int64_t evaluated = 0;
@@ -606,7 +618,7 @@ void backward_impl(const torch::Tensor& origins, const torch::Tensor& directions
         int64_t nan_cell[3];
         marcher.march(r, o + 3 * r, d + 3 * r, 0, T, evaluated, nan_cell, accumulate);
       }
-    }
+    });
   });
   scalar_t* result = grad_table.data_ptr<scalar_t>();
   for (const auto& part : partial)
@@ -625,7 +637,7 @@ torch::Tensor forward(const torch::Tensor& origins, const torch::Tensor& directi
                       const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
                       int64_t num_samples, double early_stop_eps, double normal_eps, bool shading,
                       bool suspend_on_nan, const torch::Tensor& rays, torch::Tensor sums, torch::Tensor transmittance,
-                      torch::Tensor next_sample, torch::Tensor suspended_cells) {
+                      torch::Tensor next_sample, torch::Tensor suspended_cells, int64_t threads) {
   check_rays(origins, directions, table);
   const int64_t num_rays = origins.size(0);
   TORCH_CHECK(sums.dim() == 2 && sums.size(0) == num_rays && sums.is_contiguous() &&
@@ -646,11 +658,11 @@ torch::Tensor forward(const torch::Tensor& origins, const torch::Tensor& directi
   if (table.scalar_type() == torch::kFloat64)
     totals = forward_impl<double>(origins, directions, box, volume, grid_params, table, occupied, cell_box, offsets,
                                   num_samples, early_stop_eps, normal_eps, shading, suspend_on_nan, rays, sums,
-                                  transmittance, next_sample, suspended_cells);
+                                  transmittance, next_sample, suspended_cells, thread_count(threads));
   else if (table.scalar_type() == torch::kFloat32)
     totals = forward_impl<float>(origins, directions, box, volume, grid_params, table, occupied, cell_box, offsets,
                                  num_samples, early_stop_eps, normal_eps, shading, suspend_on_nan, rays, sums,
-                                 transmittance, next_sample, suspended_cells);
+                                 transmittance, next_sample, suspended_cells, thread_count(threads));
   else
     TORCH_CHECK(false, "raymarch: the table must be float32 or float64");
   return torch::tensor(totals, torch::kInt64);
@@ -661,7 +673,7 @@ torch::Tensor backward(const torch::Tensor& origins, const torch::Tensor& direct
                        const torch::Tensor& volume, const torch::Tensor& grid_params, const torch::Tensor& table,
                        const std::vector<torch::Tensor>& occupied, const torch::Tensor& cell_box, const torch::Tensor& offsets,
                        int64_t num_samples, double early_stop_eps, double normal_eps, bool shading,
-                       const torch::Tensor& sums, const torch::Tensor& grad_sums) {
+                       const torch::Tensor& sums, const torch::Tensor& grad_sums, int64_t threads) {
   check_rays(origins, directions, table);
   const int64_t num_rays = origins.size(0);
   TORCH_CHECK(sums.dim() == 2 && sums.size(0) == num_rays && sums.is_contiguous() && grad_sums.sizes() == sums.sizes() &&
@@ -671,10 +683,12 @@ torch::Tensor backward(const torch::Tensor& origins, const torch::Tensor& direct
   auto grad_table = torch::zeros_like(table);
   if (table.scalar_type() == torch::kFloat64)
     backward_impl<double>(origins, directions, box, volume, grid_params, table, occupied, cell_box, offsets,
-                          num_samples, early_stop_eps, normal_eps, shading, sums, grad_sums, grad_table);
+                          num_samples, early_stop_eps, normal_eps, shading, sums, grad_sums, grad_table,
+                          thread_count(threads));
   else if (table.scalar_type() == torch::kFloat32)
     backward_impl<float>(origins, directions, box, volume, grid_params, table, occupied, cell_box, offsets,
-                         num_samples, early_stop_eps, normal_eps, shading, sums, grad_sums, grad_table);
+                         num_samples, early_stop_eps, normal_eps, shading, sums, grad_sums, grad_table,
+                          thread_count(threads));
   else
     TORCH_CHECK(false, "raymarch: the table must be float32 or float64");
   return grad_table;
@@ -690,6 +704,7 @@ int64_t set_packet_rays(int64_t rays) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU ray marcher over voxel grids with a transfer-function table (forward and table gradient)";
+  // Both take `threads` last (0: torch's intra-op count); their results are the same for any value.
   m.def("forward", &forward, "March rays through the grid; updates sums, transmittance, next_sample in place");
   m.def("backward", &backward, "Gradient of the loss w.r.t. the transfer-function table (L, 4)");
   m.def("set_packet_rays", &set_packet_rays, "Rays per dynamically scheduled work item of the forward; returns the old");

@@ -21,7 +21,7 @@ from types import ModuleType
 
 from gridinr_nerfstudio.safe_write import OutputError, check_target, write_text
 
-BENCHMARKS = ("encoding", "fit", "render", "compression", "memory", "sequence", "edit", "sweep", "scale")
+BENCHMARKS = ("encoding", "fit", "render", "compression", "memory", "sequence", "edit", "sweep", "scale", "contention")
 
 
 def available_benchmarks() -> dict[str, ModuleType]:

@@ -18,10 +18,11 @@ field and optimizers; backend and hash optimizer picked for the device), ``ours_
 and ``nerfstudio_torch``. ``--iterations N`` trains every contender N steps instead of a time budget (learning
 rate decaying over the steps): quality at equal work, e.g. ``--contenders ours,ours_mixed``.
 
-``--threads`` defaults to 1: on a 2-core machine shared with other work, a second OpenMP/ATen thread is often
-descheduled while the first spins at every parallel region's barrier (steps measured 1.5x slower with one other busy
-process, 10x under heavier load). On an idle machine 2 threads are 1.9x faster; ``OMP_WAIT_POLICY=PASSIVE`` in the
-environment keeps 2 threads within ~10% of the best in both cases.
+``--threads`` defaults to ``adaptive``, what ``ns-train`` does on a CPU (thread_policy.py): each contender's steps
+pick, as they run, among one thread, our kernels on all threads with torch's ops on one, and everything on all
+threads (``gridinr-bench contention`` compares them idle and under load). A number fixes torch's and our
+kernels' count (0: torch's default). ``--prefetch`` makes batches one step ahead in a thread, as the data manager's
+option does (auto: on CUDA, never where the volume is resident on the device).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,10 @@ from gridinr_nerfstudio.device_defaults import resolve
 from gridinr_nerfstudio.fields.volume_field import VolumeField, VolumeFieldSettings, value_mlp
 from gridinr_nerfstudio.gridinr_config import GridINRTrainerConfig, fit_trainer_config
 from gridinr_nerfstudio.scripts.bench.timing import Clock, add_device_argument, device_label, resolve_device
-from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler, make_point_sampler
+from gridinr_nerfstudio.stages.fit.point_sampler import VolumePointSampler, make_point_sampler, resident_chosen
+from gridinr_nerfstudio.stages.fit.prefetch import PrefetchingSampler
 from gridinr_nerfstudio.stages.fit.model import volume_psnr
+from gridinr_nerfstudio.thread_policy import AdaptiveThreads, ThreadSetting, apply_setting
 
 BACKENDS = ("tcnn", "triton", "cpp", "torch")
 
@@ -84,7 +88,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: the method's scheduler)")
     parser.add_argument("--beta2", type=float, default=None, help="Adam beta2 of both optimizers (default: the "
                         "method's: HashGridAdam 0.99 unless configured, torch Adam 0.999)")
-    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch's default)")
+    parser.add_argument("--threads", default="adaptive",
+                        help="adaptive (ns-train's CPU default, thread_policy.py) or a thread count for torch and our "
+                        "kernels (0: torch's default)")
+    parser.add_argument("--prefetch", choices=("auto", "on", "off"), default=datamanager.prefetch,
+                        help="make each batch one step ahead in a thread (as --pipeline.datamanager.prefetch)")
     parser.add_argument("--curve", default="", help="comma-separated training times (s) at which to also measure "
                         "volume PSNR, e.g. 15,30")
     parser.add_argument("--contenders", default="ours,nerfstudio_torch",
@@ -120,8 +128,10 @@ class Contender:
 
     def __init__(self, name: str, model: nn.Module, method: GridINRTrainerConfig, lr_finals: dict[str, float],
                  beta2: float | None, sampler: VolumePointSampler, aabb: torch.Tensor, clock: Clock,
-                 hash_mode: str | None = None, coarse_to_fine: float = 0.0):
+                 hash_mode: str | None = None, coarse_to_fine: float = 0.0, threads: AdaptiveThreads | None = None):
         self.name = name
+        self.threads = threads
+        """Its own thread policy (``--threads adaptive``), else None."""
         self.coarse_to_fine = coarse_to_fine
         """Share of the budget over which a VolumeField's levels are switched on (its `level_progress`)."""
         self.clock = clock
@@ -142,12 +152,20 @@ class Contender:
         self.iterations = 0
         self.curve: dict[str, float] = {}
 
-    def step(self, batch_size: int, progress: float) -> None:
-        """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress."""
+    def step(self, batch_size: int, progress: float, mark: Callable[[str], None] | None = None) -> float:
+        """One training step at `progress` (0..1) of the time budget: lr = lr_init * (lr_final / lr_init)^progress.
+        Returns its seconds; `mark(phase)` is called as each phase ends (batch, forward, backward, optimizer)."""
         if self.coarse_to_fine > 0 and hasattr(self.model, "level_progress"):
             self.model.level_progress = min(1.0, progress / self.coarse_to_fine)
-        self.seconds += self.clock.time(lambda: self._step(batch_size, progress))
+        work = lambda: self._step(batch_size, progress, mark or (lambda phase: None))  # noqa: E731
+        if self.threads is None:
+            seconds = self.clock.time(work)
+        else:
+            with self.threads.step():
+                seconds = self.clock.time(work)
+        self.seconds += seconds
         self.iterations += 1
+        return seconds
 
     def warm_up(self) -> None:
         """One untimed forward, backward and optimizer step with zero gradients, then fresh optimizer state: JIT
@@ -165,27 +183,42 @@ class Contender:
             optimizer.state.clear()
         self.clock.sync()
 
-    def _step(self, batch_size: int, progress: float) -> None:
+    def _step(self, batch_size: int, progress: float, mark: Callable[[str], None]) -> None:
         points, targets = self.sampler.batch(batch_size, self.iterations)
         unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+        mark("batch")
         for optimizer, (lr_init, lr_final) in zip(self.optimizers, self.lr_ranges):
             for group in optimizer.param_groups:
                 group["lr"] = lr_init * (lr_final / lr_init) ** progress
         predictions = self.model.forward_unit(unit)
         loss = (predictions - targets).square().mean()
+        mark("forward")
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mark("backward")
         for optimizer in self.optimizers:
             optimizer.step()
+        mark("optimizer")
         report = getattr(self.sampler, "report", None)  # samplers that learn from the errors (sweep variants)
         if report is not None:
             report(points, (predictions.detach() - targets).square())
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+@dataclasses.dataclass
+class FitSetup:
+    """What `run` trains: the volume, the device and one `Contender` per name of ``--contenders``."""
+
+    volume: object
+    device: torch.device
+    settings: VolumeFieldSettings
+    contenders: list
+    encoding_lr: float
+    lr_final: float
+
+
+def setup_contenders(args: argparse.Namespace) -> FitSetup:
+    """The volume and the warmed-up contenders of ``args`` (also used by ``gridinr-bench contention``)."""
     device = resolve_device(args.device)
     clock = Clock(device)
     args.batch = resolve(args.batch, "batch_size", device)
@@ -219,21 +252,41 @@ def run(args: argparse.Namespace) -> dict:
     for name in names:
         if name not in builders:
             raise SystemExit(f"gridinr-bench fit: unknown contender {name!r} (known: {', '.join(builders)})")
-    curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
+    resident = resident_chosen(args.resident, int(np.prod(volume.info.dims)), device)
+    prefetch = not resident and (args.prefetch == "on" or (args.prefetch == "auto" and device.type == "cuda"))
+
+    def sampler() -> VolumePointSampler | PrefetchingSampler:
+        made = make_point_sampler(volume, aabb.cpu(), device="cpu" if prefetch else device,
+                                  resident="on" if resident else "off", sampling=args.sampling,
+                                  continuous_fraction=args.continuous_fraction, subsample_factor=1)
+        return PrefetchingSampler(made, device) if prefetch else made
+
+    adaptive = str(args.threads) == "adaptive"
     torch.manual_seed(0)
     contenders = [
-        Contender(name, builders[name]().to(device), method, lr_finals, args.beta2,
-                  make_point_sampler(volume, aabb.cpu(), device=device, resident=args.resident, sampling=args.sampling,
-                                     continuous_fraction=args.continuous_fraction, subsample_factor=1), aabb, clock,
+        Contender(name, builders[name]().to(device), method, lr_finals, args.beta2, sampler(), aabb, clock,
                   hash_mode={"ours_dense": "dense", "ours_lazy": "lazy"}.get(name),
-                  coarse_to_fine=getattr(args, "coarse_to_fine", 0.0))
+                  coarse_to_fine=getattr(args, "coarse_to_fine", 0.0),
+                  threads=AdaptiveThreads() if adaptive and device.type == "cpu" else None)
         for name in names
     ]
     for contender in contenders:
         if isinstance(contender.model, VolumeField):
             contender.backend = contender.model.encoding.backend_for(device)  # fails here if it cannot run
         contender.warm_up()
-    samplers = {f"resident on {c.sampler.device.type}" if c.sampler.resident else "host" for c in contenders}
+    return FitSetup(volume, device, settings, contenders, encoding_lr, lr_final)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if str(args.threads) != "adaptive":
+        count = int(args.threads) if int(args.threads) > 0 else torch.get_num_threads()
+        apply_setting(ThreadSetting(count, count))
+    setup = setup_contenders(args)
+    volume, device, settings, contenders = setup.volume, setup.device, setup.settings, setup.contenders
+    encoding_lr, lr_final = setup.encoding_lr, setup.lr_final
+    curve_times = sorted(float(t) for t in args.curve.split(",") if t.strip())
+    samplers = {f"resident on {c.sampler.device.type}" if getattr(c.sampler, "resident", False)
+                else "host, prefetched" if isinstance(c.sampler, PrefetchingSampler) else "host" for c in contenders}
     decoder = f"MLP {args.hidden_layers} x {args.hidden_dim}" if args.hidden_layers > 0 else "linear decoder"
     budget = f"{args.iterations} steps" if args.iterations > 0 else f"{args.seconds:.0f} s"
     print(f"volume {volume.info.name} {volume.info.dims} {volume.info.dtype}; {budget} per contender, "
@@ -281,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
         "continuous_fraction": args.continuous_fraction,
         "field": vars(settings), "lr": encoding_lr, "lr_final": lr_final,
         "betas": dict(zip(("encoding", "mlp"), (list(o.param_groups[0]["betas"]) for o in contenders[0].optimizers))),
-        "threads": torch.get_num_threads(), "device": str(device), "sampler": sorted(samplers),
+        "threads": str(args.threads), "prefetch": args.prefetch, "device": str(device), "sampler": sorted(samplers),
     }
     return results
 

@@ -7,16 +7,16 @@
 //
 // Points are processed in blocks, one level at a time: a first loop computes the 8 corner indices
 // and weights of every point of the block (branch-free, specialised per level kind, vectorisable),
-// a second loop gathers (forward) or scatters (backward) the table rows. Parallelism: forward and
-// position gradient run OpenMP over blocks of points; the table gradient runs OpenMP over levels,
-// so each thread owns whole level slices of the gradient and needs no atomics.
+// a second loop gathers (forward) or scatters (backward) the table rows. Parallelism (work_sharing.h: items
+// claimed one at a time, never waiting for a thread that has not started): forward and position gradient share
+// out blocks of points; the table gradient shares out levels, so each thread owns whole level slices of the
+// gradient and needs no atomics; Adam shares out slices of the table. Every item's output depends only on its
+// inputs, so results are bit-identical for any number of threads.
 //
 // For inference, field_forward fuses the encoding with the field's ReLU MLP decoder: each block of points is
 // encoded and decoded while it is in cache (see field_forward_kernel).
 
 #include <torch/extension.h>
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +25,8 @@
 #include <numeric>
 #include <type_traits>
 #include <vector>
+
+#include "work_sharing.h"
 
 namespace {
 
@@ -185,6 +187,18 @@ inline void prefetch_rows(const scalar_t* table, const BlockCells<scalar_t>& cel
 
 int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
+// What a thread needs for its blocks (heap: ~22 kB for float, twice that for double).
+template <typename scalar_t>
+struct BlockScratch {
+  BlockPositions<scalar_t> block;
+  BlockCells<scalar_t> cells;
+};
+
+template <typename scalar_t>
+std::unique_ptr<BlockScratch<scalar_t>> make_block_scratch() {
+  return std::make_unique<BlockScratch<scalar_t>>();
+}
+
 // Features of one block of points, level after level, into out_block (row = levels * F values per point).
 template <typename scalar_t, int F>
 inline void encode_block(const scalar_t* params, const std::vector<Level<scalar_t>>& levels, scalar_t shift,
@@ -210,18 +224,12 @@ inline void encode_block(const scalar_t* params, const std::vector<Level<scalar_
 
 template <typename scalar_t, int F>
 void forward_kernel(const scalar_t* positions, const scalar_t* params, scalar_t* out, int64_t n,
-                    const std::vector<Level<scalar_t>>& levels, scalar_t shift) {
+                    const std::vector<Level<scalar_t>>& levels, scalar_t shift, int64_t threads) {
   const int64_t row = static_cast<int64_t>(levels.size()) * F;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    BlockPositions<scalar_t> block;
-    BlockCells<scalar_t> cells;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < num_blocks(n); ++b) {
-      block.load(positions, b * kBlock, n);
-      encode_block<scalar_t, F>(params, levels, shift, block, cells, out + b * kBlock * row);
-    }
-  }
+  gridinr::parallel_items(num_blocks(n), threads, make_block_scratch<scalar_t>, [&](int64_t b, auto& scratch) {
+    scratch->block.load(positions, b * kBlock, n);
+    encode_block<scalar_t, F>(params, levels, shift, scratch->block, scratch->cells, out + b * kBlock * row);
+  });
 }
 
 // One decoder layer for inference: weights transposed to (in, out) so the inner loop runs along the outputs.
@@ -347,66 +355,62 @@ inline void dense_block(const DenseLayer<scalar_t>& layer, bool relu, const scal
 template <typename scalar_t, int F>
 void field_forward_kernel(const scalar_t* positions, const scalar_t* params, scalar_t* out, int64_t n,
                           const std::vector<Level<scalar_t>>& levels, scalar_t shift,
-                          const std::vector<DenseLayer<scalar_t>>& layers) {
+                          const std::vector<DenseLayer<scalar_t>>& layers, int64_t threads) {
   const int64_t row = static_cast<int64_t>(levels.size()) * F;
   int64_t widest = row;
   for (const auto& layer : layers) widest = std::max(widest, layer.out);
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    BlockPositions<scalar_t> block;
-    BlockCells<scalar_t> cells;
-    std::vector<scalar_t> buffer_a(kBlock * widest), buffer_b(kBlock * widest);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < num_blocks(n); ++b) {
-      block.load(positions, b * kBlock, n);
-      encode_block<scalar_t, F>(params, levels, shift, block, cells, buffer_a.data());
-      scalar_t* x = buffer_a.data();
-      scalar_t* y = buffer_b.data();
-      for (size_t k = 0; k < layers.size(); ++k) {
-        const bool last = k + 1 == layers.size();
-        dense_block(layers[k], !last, x, last ? out + b * kBlock : y, block.count);
-        std::swap(x, y);
-      }
+  struct Scratch {
+    std::unique_ptr<BlockScratch<scalar_t>> blocks = make_block_scratch<scalar_t>();
+    std::vector<scalar_t> buffer_a, buffer_b;
+  };
+  auto make_scratch = [&] { return Scratch{make_block_scratch<scalar_t>(), std::vector<scalar_t>(kBlock * widest),
+                                           std::vector<scalar_t>(kBlock * widest)}; };
+  gridinr::parallel_items(num_blocks(n), threads, make_scratch, [&](int64_t b, Scratch& scratch) {
+    auto& block = scratch.blocks->block;
+    block.load(positions, b * kBlock, n);
+    encode_block<scalar_t, F>(params, levels, shift, block, scratch.blocks->cells, scratch.buffer_a.data());
+    scalar_t* x = scratch.buffer_a.data();
+    scalar_t* y = scratch.buffer_b.data();
+    for (size_t k = 0; k < layers.size(); ++k) {
+      const bool last = k + 1 == layers.size();
+      dense_block(layers[k], !last, x, last ? out + b * kBlock : y, block.count);
+      std::swap(x, y);
     }
-  }
+  });
 }
 
 // Each thread takes whole levels (largest slices first), so scatter-adds never race.
 template <typename scalar_t, int F>
 void backward_params_kernel(const scalar_t* positions, const scalar_t* grad_out, scalar_t* grad_params, int64_t n,
-                            const std::vector<Level<scalar_t>>& levels, scalar_t shift) {
+                            const std::vector<Level<scalar_t>>& levels, scalar_t shift, int64_t threads) {
   const int64_t num_levels = static_cast<int64_t>(levels.size());
   const int64_t row = num_levels * F;
   std::vector<int64_t> order(num_levels);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return levels[a].table_size > levels[b].table_size; });
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    BlockPositions<scalar_t> block;
-    BlockCells<scalar_t> cells;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < num_levels; ++k) {
-      const int64_t l = order[k];
-      const auto& lv = levels[l];
-      scalar_t* table_grad = grad_params + lv.table_offset * F;
-      for (int64_t b = 0; b < num_blocks(n); ++b) {
-        block.load(positions, b * kBlock, n);
-        locate(lv, block, shift, cells);
-        const scalar_t* grad_block = grad_out + b * kBlock * row + l * F;
-        for (int64_t j = 0; j < block.count; ++j) {
-          prefetch_rows<F, true>(table_grad, cells, j + kPrefetchDistance, block.count);
-          scalar_t g[F];
-          for (int f = 0; f < F; ++f) g[f] = grad_block[j * row + f];
-          for (int c = 0; c < 8; ++c) {
-            scalar_t* entry = table_grad + static_cast<int64_t>(cells.index[c][j]) * F;
-            const scalar_t w = cells.weight[c][j];
-            for (int f = 0; f < F; ++f) entry[f] += w * g[f];
-          }
+  gridinr::parallel_items(num_levels, threads, make_block_scratch<scalar_t>, [&](int64_t k, auto& scratch) {
+    auto& block = scratch->block;
+    auto& cells = scratch->cells;
+    const int64_t l = order[k];
+    const auto& lv = levels[l];
+    scalar_t* table_grad = grad_params + lv.table_offset * F;
+    for (int64_t b = 0; b < num_blocks(n); ++b) {
+      block.load(positions, b * kBlock, n);
+      locate(lv, block, shift, cells);
+      const scalar_t* grad_block = grad_out + b * kBlock * row + l * F;
+      for (int64_t j = 0; j < block.count; ++j) {
+        prefetch_rows<F, true>(table_grad, cells, j + kPrefetchDistance, block.count);
+        scalar_t g[F];
+        for (int f = 0; f < F; ++f) g[f] = grad_block[j * row + f];
+        for (int c = 0; c < 8; ++c) {
+          scalar_t* entry = table_grad + static_cast<int64_t>(cells.index[c][j]) * F;
+          const scalar_t w = cells.weight[c][j];
+          for (int f = 0; f < F; ++f) entry[f] += w * g[f];
         }
       }
     }
-  }
+  });
 }
 
 // d out / d x = scale * sum over the 4 cell edges along x of (y, z weight) * (value at x+1 - value at x); same for
@@ -414,48 +418,44 @@ void backward_params_kernel(const scalar_t* positions, const scalar_t* grad_out,
 template <typename scalar_t, int F>
 void backward_positions_kernel(const scalar_t* positions, const scalar_t* params, const scalar_t* grad_out,
                                scalar_t* grad_positions, int64_t n, const std::vector<Level<scalar_t>>& levels,
-                               scalar_t shift) {
+                               scalar_t shift, int64_t threads) {
   const int64_t num_levels = static_cast<int64_t>(levels.size());
   const int64_t row = num_levels * F;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    BlockPositions<scalar_t> block;
-    BlockCells<scalar_t> cells;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < num_blocks(n); ++b) {
-      block.load(positions, b * kBlock, n);
-      scalar_t* grad_block = grad_positions + 3 * b * kBlock;
-      for (int64_t j = 0; j < 3 * block.count; ++j) grad_block[j] = 0;
-      for (int64_t l = 0; l < num_levels; ++l) {
-        const auto& lv = levels[l];
-        locate(lv, block, shift, cells);
-        const scalar_t* table = params + lv.table_offset * F;
-        const scalar_t* g_block = grad_out + b * kBlock * row + l * F;
-        for (int64_t j = 0; j < block.count; ++j) {
-          prefetch_rows<F, false>(table, cells, j + kPrefetchDistance, block.count);
-          scalar_t g[F];
-          for (int f = 0; f < F; ++f) g[f] = g_block[j * row + f];
-          scalar_t dot[8];
-          for (int c = 0; c < 8; ++c) {
-            const scalar_t* entry = table + static_cast<int64_t>(cells.index[c][j]) * F;
-            scalar_t s = 0;
-            for (int f = 0; f < F; ++f) s += g[f] * entry[f];
-            dot[c] = s;
-          }
-          const scalar_t fx = cells.frac[0][j], fy = cells.frac[1][j], fz = cells.frac[2][j];
-          const scalar_t gx = (1 - fy) * (1 - fz) * (dot[1] - dot[0]) + fy * (1 - fz) * (dot[3] - dot[2]) +
-                              (1 - fy) * fz * (dot[5] - dot[4]) + fy * fz * (dot[7] - dot[6]);
-          const scalar_t gy = (1 - fx) * (1 - fz) * (dot[2] - dot[0]) + fx * (1 - fz) * (dot[3] - dot[1]) +
-                              (1 - fx) * fz * (dot[6] - dot[4]) + fx * fz * (dot[7] - dot[5]);
-          const scalar_t gz = (1 - fx) * (1 - fy) * (dot[4] - dot[0]) + fx * (1 - fy) * (dot[5] - dot[1]) +
-                              (1 - fx) * fy * (dot[6] - dot[2]) + fx * fy * (dot[7] - dot[3]);
-          grad_block[3 * j + 0] += lv.scale * gx;
-          grad_block[3 * j + 1] += lv.scale * gy;
-          grad_block[3 * j + 2] += lv.scale * gz;
+  gridinr::parallel_items(num_blocks(n), threads, make_block_scratch<scalar_t>, [&](int64_t b, auto& scratch) {
+    auto& block = scratch->block;
+    auto& cells = scratch->cells;
+    block.load(positions, b * kBlock, n);
+    scalar_t* grad_block = grad_positions + 3 * b * kBlock;
+    for (int64_t j = 0; j < 3 * block.count; ++j) grad_block[j] = 0;
+    for (int64_t l = 0; l < num_levels; ++l) {
+      const auto& lv = levels[l];
+      locate(lv, block, shift, cells);
+      const scalar_t* table = params + lv.table_offset * F;
+      const scalar_t* g_block = grad_out + b * kBlock * row + l * F;
+      for (int64_t j = 0; j < block.count; ++j) {
+        prefetch_rows<F, false>(table, cells, j + kPrefetchDistance, block.count);
+        scalar_t g[F];
+        for (int f = 0; f < F; ++f) g[f] = g_block[j * row + f];
+        scalar_t dot[8];
+        for (int c = 0; c < 8; ++c) {
+          const scalar_t* entry = table + static_cast<int64_t>(cells.index[c][j]) * F;
+          scalar_t s = 0;
+          for (int f = 0; f < F; ++f) s += g[f] * entry[f];
+          dot[c] = s;
         }
+        const scalar_t fx = cells.frac[0][j], fy = cells.frac[1][j], fz = cells.frac[2][j];
+        const scalar_t gx = (1 - fy) * (1 - fz) * (dot[1] - dot[0]) + fy * (1 - fz) * (dot[3] - dot[2]) +
+                            (1 - fy) * fz * (dot[5] - dot[4]) + fy * fz * (dot[7] - dot[6]);
+        const scalar_t gy = (1 - fx) * (1 - fz) * (dot[2] - dot[0]) + fx * (1 - fz) * (dot[3] - dot[1]) +
+                            (1 - fx) * fz * (dot[6] - dot[4]) + fx * fz * (dot[7] - dot[5]);
+        const scalar_t gz = (1 - fx) * (1 - fy) * (dot[4] - dot[0]) + fx * (1 - fy) * (dot[5] - dot[1]) +
+                            (1 - fx) * fy * (dot[6] - dot[2]) + fx * fy * (dot[7] - dot[3]);
+        grad_block[3 * j + 0] += lv.scale * gx;
+        grad_block[3 * j + 1] += lv.scale * gy;
+        grad_block[3 * j + 2] += lv.scale * gz;
       }
     }
-  }
+  });
 }
 
 // Lazy Adam step (torch.optim.SparseAdam's rule, applied to a dense gradient whose exact zeros mean "not touched",
@@ -489,17 +489,17 @@ inline scalar_t select_bits(U mask, scalar_t if_set, scalar_t if_clear) {
   return value;
 }
 
+// One range [start, end) of the table (a multiple of kChunk from the start, so chunks are the same for any split).
 template <typename scalar_t>
-void sparse_adam_kernel(scalar_t* __restrict param, scalar_t* __restrict grad, scalar_t* __restrict exp_avg,
-                        scalar_t* __restrict exp_avg_sq, int64_t n, scalar_t step_size, scalar_t beta1, scalar_t beta2,
-                        scalar_t eps) {
+void sparse_adam_range(scalar_t* __restrict param, scalar_t* __restrict grad, scalar_t* __restrict exp_avg,
+                       scalar_t* __restrict exp_avg_sq, int64_t start, int64_t stop, scalar_t step_size, scalar_t beta1,
+                       scalar_t beta2, scalar_t eps) {
   using U = typename SameSizeUnsigned<scalar_t>::type;
   constexpr int64_t kChunk = 64;
   const scalar_t one_minus_beta1 = scalar_t(1) - beta1;
   const scalar_t one_minus_beta2 = scalar_t(1) - beta2;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t end = std::min(n, start + kChunk);
+  for (; start < stop; start += kChunk) {
+    const int64_t end = std::min(stop, start + kChunk);
     U any = 0;
     for (int64_t i = start; i < end; ++i) any |= bits_of(grad[i]) << 1;  // << 1 drops the sign: -0 is untouched
     if (any == 0) continue;
@@ -515,6 +515,17 @@ void sparse_adam_kernel(scalar_t* __restrict param, scalar_t* __restrict grad, s
       grad[i] = 0;
     }
   }
+}
+
+template <typename scalar_t>
+void sparse_adam_kernel(scalar_t* param, scalar_t* grad, scalar_t* exp_avg, scalar_t* exp_avg_sq, int64_t n,
+                        scalar_t step_size, scalar_t beta1, scalar_t beta2, scalar_t eps, int64_t threads) {
+  constexpr int64_t kItem = 1 << 14;  // entries per work item (64 kB of float gradient)
+  auto no_scratch = [] { return 0; };
+  gridinr::parallel_items((n + kItem - 1) / kItem, threads, no_scratch, [&](int64_t item, int) {
+    sparse_adam_range(param, grad, exp_avg, exp_avg_sq, item * kItem, std::min(n, (item + 1) * kItem), step_size,
+                      beta1, beta2, eps);
+  });
 }
 
 void check_inputs(const torch::Tensor& positions, const torch::Tensor& params, const torch::Tensor& scales,
@@ -562,8 +573,11 @@ void dispatch(torch::ScalarType dtype, int64_t features, Fn&& fn) {
 
 }  // namespace
 
+// threads: how many threads the kernels may use (0: torch's intra-op count); results do not depend on it.
+int64_t thread_count(int64_t threads) { return threads > 0 ? threads : at::get_num_threads(); }
+
 torch::Tensor forward(const torch::Tensor& positions, const torch::Tensor& params, const torch::Tensor& scales,
-                      const torch::Tensor& level_info, double shift, int64_t features) {
+                      const torch::Tensor& level_info, double shift, int64_t features, int64_t threads) {
   check_inputs(positions, params, scales, level_info, features);
   auto out = torch::empty({positions.size(0), level_info.size(0) * features}, params.options());
   dispatch(params.scalar_type(), features, [&](auto type_tag, auto features_tag) {
@@ -571,7 +585,7 @@ torch::Tensor forward(const torch::Tensor& positions, const torch::Tensor& param
     constexpr int F = decltype(features_tag)::value;
     forward_kernel<scalar_t, F>(positions.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                 positions.size(0), unpack_levels<scalar_t>(scales, level_info),
-                                static_cast<scalar_t>(shift));
+                                static_cast<scalar_t>(shift), thread_count(threads));
   });
   return out;
 }
@@ -580,7 +594,8 @@ torch::Tensor forward(const torch::Tensor& positions, const torch::Tensor& param
 // nn.Linear weights; biases[k]: (out,) or an empty tensor; ReLU after every layer but the last, whose out is 1.
 torch::Tensor field_forward(const torch::Tensor& positions, const torch::Tensor& params, const torch::Tensor& scales,
                             const torch::Tensor& level_info, double shift, int64_t features,
-                            const std::vector<torch::Tensor>& weights_t, const std::vector<torch::Tensor>& biases) {
+                            const std::vector<torch::Tensor>& weights_t, const std::vector<torch::Tensor>& biases,
+                            int64_t threads) {
   check_inputs(positions, params, scales, level_info, features);
   TORCH_CHECK(!weights_t.empty() && weights_t.size() == biases.size(),
               "field_forward: need one (possibly empty) bias per weight matrix");
@@ -608,14 +623,16 @@ torch::Tensor field_forward(const torch::Tensor& positions, const torch::Tensor&
     }
     field_forward_kernel<scalar_t, F>(positions.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
                                       out.data_ptr<scalar_t>(), positions.size(0),
-                                      unpack_levels<scalar_t>(scales, level_info), static_cast<scalar_t>(shift), layers);
+                                      unpack_levels<scalar_t>(scales, level_info), static_cast<scalar_t>(shift), layers,
+                                      thread_count(threads));
   });
   return out;
 }
 
 // Adds the table gradient into grad_params (so callers may accumulate into an existing buffer).
 void backward_params(const torch::Tensor& positions, const torch::Tensor& grad_out, torch::Tensor& grad_params,
-                     const torch::Tensor& scales, const torch::Tensor& level_info, double shift, int64_t features) {
+                     const torch::Tensor& scales, const torch::Tensor& level_info, double shift, int64_t features,
+                     int64_t threads) {
   check_inputs(positions, grad_params, scales, level_info, features);
   check_grad_out(grad_out, positions, grad_params, level_info, features);
   dispatch(grad_params.scalar_type(), features, [&](auto type_tag, auto features_tag) {
@@ -623,13 +640,14 @@ void backward_params(const torch::Tensor& positions, const torch::Tensor& grad_o
     constexpr int F = decltype(features_tag)::value;
     backward_params_kernel<scalar_t, F>(positions.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                                         grad_params.data_ptr<scalar_t>(), positions.size(0),
-                                        unpack_levels<scalar_t>(scales, level_info), static_cast<scalar_t>(shift));
+                                        unpack_levels<scalar_t>(scales, level_info), static_cast<scalar_t>(shift),
+                                        thread_count(threads));
   });
 }
 
 torch::Tensor backward_positions(const torch::Tensor& positions, const torch::Tensor& params,
                                  const torch::Tensor& grad_out, const torch::Tensor& scales,
-                                 const torch::Tensor& level_info, double shift, int64_t features) {
+                                 const torch::Tensor& level_info, double shift, int64_t features, int64_t threads) {
   check_inputs(positions, params, scales, level_info, features);
   check_grad_out(grad_out, positions, params, level_info, features);
   auto grad_positions = torch::empty_like(positions);
@@ -639,13 +657,13 @@ torch::Tensor backward_positions(const torch::Tensor& positions, const torch::Te
     backward_positions_kernel<scalar_t, F>(positions.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
                                            grad_out.data_ptr<scalar_t>(), grad_positions.data_ptr<scalar_t>(),
                                            positions.size(0), unpack_levels<scalar_t>(scales, level_info),
-                                           static_cast<scalar_t>(shift));
+                                           static_cast<scalar_t>(shift), thread_count(threads));
   });
   return grad_positions;
 }
 
 void sparse_adam_step(torch::Tensor& param, torch::Tensor& grad, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
-                      double step_size, double beta1, double beta2, double eps) {
+                      double step_size, double beta1, double beta2, double eps, int64_t threads) {
   for (const auto* t : {&grad, &exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->numel() == param.numel() &&
                     t->scalar_type() == param.scalar_type(),
@@ -655,15 +673,20 @@ void sparse_adam_step(torch::Tensor& param, torch::Tensor& grad, torch::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sparse_adam_step", [&] {
     sparse_adam_kernel<scalar_t>(param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(),
                                  exp_avg_sq.data_ptr<scalar_t>(), param.numel(), static_cast<scalar_t>(step_size),
-                                 static_cast<scalar_t>(beta1), static_cast<scalar_t>(beta2), static_cast<scalar_t>(eps));
+                                 static_cast<scalar_t>(beta1), static_cast<scalar_t>(beta2), static_cast<scalar_t>(eps),
+                                 thread_count(threads));
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU/OpenMP kernels of the multi-resolution hash-grid encoding";
+  // Every kernel takes `threads` last (0: torch's intra-op count); its results are the same for any value.
+  m.def("_occupy_helpers", &gridinr::occupy_helpers, "Tests: keep COUNT inter-op pool threads busy until released");
+  m.def("_release_helpers", &gridinr::release_helpers, "Tests: let the threads of _occupy_helpers return");
   m.def("forward", &forward, "Encode (N, 3) positions into (N, levels * features) features");
   m.def("field_forward", &field_forward, "Field values (N,): encoding then ReLU decoder, fused per block (inference)");
   m.def("backward_params", &backward_params, "Add the table gradient into grad_params (in place)");
   m.def("backward_positions", &backward_positions, "Gradient of the loss w.r.t. the (N, 3) positions");
-  m.def("sparse_adam_step", &sparse_adam_step, "Lazy (SparseAdam-rule) Adam step on a dense gradient; zeroes the consumed gradient");
+  m.def("sparse_adam_step", &sparse_adam_step,
+        "Lazy (SparseAdam-rule) Adam step on a dense gradient; zeroes the consumed gradient");
 }
