@@ -72,17 +72,18 @@ def pixels(cameras, count: int = 1) -> int:
 
 
 @pytest.fixture
-def fit_pipeline(tiny_fit_run):
+def fresh_fit_pipeline(tiny_fit_run):
+    """The tiny run loaded anew for each test (tests change its render settings)."""
     from gridinr_nerfstudio.runs import load_run_pipeline
 
     return load_run_pipeline(tiny_fit_run, test_mode="test", device="cpu")[1]
 
 
-def test_viewer_frames_with_depth_normals_and_shading_take_the_fused_path(fit_pipeline, render_paths, monkeypatch):
+def test_viewer_frames_with_depth_normals_and_shading_take_the_fused_path(fresh_fit_pipeline, render_paths, monkeypatch):
     """What nerfstudio's viewer calls (`get_outputs_for_camera`), with Phong shading and every output it shows; the
     same frame with the kernel switched off is the torch path's, counted there."""
-    model = fit_pipeline.model
-    cameras = fit_pipeline.datamanager.eval_dataset.cameras
+    model = fresh_fit_pipeline.model
+    cameras = fresh_fit_pipeline.datamanager.eval_dataset.cameras
     model.render_settings.shading = True
     render_paths.clear()
     fused = model.get_outputs_for_camera(cameras[0:1])
@@ -98,10 +99,10 @@ def test_viewer_frames_with_depth_normals_and_shading_take_the_fused_path(fit_pi
     assert (fused["accumulation"] - reference["accumulation"]).abs().max() < 1e-3
 
 
-def test_training_rays_and_brick_caches_take_the_fused_path(fit_pipeline, render_paths):
+def test_training_rays_and_brick_caches_take_the_fused_path(fresh_fit_pipeline, render_paths):
     """`get_outputs` (nerfstudio's ray bundles, stratified in training mode) and the field cache decoded in bricks."""
-    model = fit_pipeline.model
-    cameras = fit_pipeline.datamanager.eval_dataset.cameras
+    model = fresh_fit_pipeline.model
+    cameras = fresh_fit_pipeline.datamanager.eval_dataset.cameras
     bundle = cameras.generate_rays(camera_indices=0)[:3]
     model.train()
     render_paths.clear()
@@ -117,10 +118,10 @@ def test_training_rays_and_brick_caches_take_the_fused_path(fit_pipeline, render
     assert outputs["accumulation"].max() > 0.1  # the volume was seen through the bricks
 
 
-def test_the_inr_without_a_cache_takes_the_torch_path(fit_pipeline, render_paths):
+def test_the_inr_without_a_cache_takes_the_torch_path(fresh_fit_pipeline, render_paths):
     """`field-cache-resolution -1` evaluates the INR at every sample: not a grid, so the torch path (by design)."""
-    model = fit_pipeline.model
-    cameras = fit_pipeline.datamanager.eval_dataset.cameras
+    model = fresh_fit_pipeline.model
+    cameras = fresh_fit_pipeline.datamanager.eval_dataset.cameras
     model.config.field_cache_resolution = -1
     model.invalidate_field_cache()
     render_paths.clear()
