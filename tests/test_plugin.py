@@ -27,7 +27,7 @@ def test_param_groups_have_optimizers():
     """Every get_param_groups() key needs an optimizer entry (nerfstudio fails at setup otherwise)."""
     methods, _ = discover_methods()
     assert set(methods["gridinr-fit"].optimizers) == {"encoding", "mlp"}
-    assert set(methods["gridinr-edit"].optimizers) == {"transfer_mlp"}
+    assert set(methods["gridinr-edit"].optimizers) == {"transfer_mlp", "transfer_parts"}
 
 
 def test_dataparser_spec_imports_without_pipelines():
