@@ -310,3 +310,45 @@ def test_target_controls_install_in_viser_and_the_range_slider_retargets(tiny_fi
         assert controls.slots[1].elements["b_text"].gui_handle.visible
     finally:
         server.stop()
+
+
+def test_part_and_training_renders_take_the_fused_path_with_the_torch_paths_gradient(tiny_fit_run, tmp_path,
+                                                                                      monkeypatch):
+    """The whole training view and every part render go through the fused ray marcher on the CPU (one
+    `render_fused` call per view and part), and the residuals' gradient equals the torch ray marcher's (through a
+    smooth loss on every render: the colour distance sorts colours, which amplifies float differences)."""
+    from gridinr_nerfstudio.rendering import fused_march
+
+    calls = []
+    original = fused_march.render_fused
+
+    def counting(origins, *args, **kwargs):
+        calls.append(origins.shape[0])
+        return original(origins, *args, **kwargs)
+
+    monkeypatch.setattr(fused_march, "render_fused", counting)
+    targets = write_targets(tmp_path, [{"range": [0.05, 0.5], "colors": ["#1f77b4"], "opacity": True},
+                                       {"range": [0.6, 1.0], "colors": ["#2ca02c"]}])
+    pipeline = edit_pipeline(tiny_fit_run, targets=targets)
+    model = pipeline.model
+    model.config.train_early_stop_eps = 0.0  # the torch path stops per chunk of samples, the kernel per sample
+    with torch.no_grad():  # residuals that are not zero, so the gradient flows through both parts' tables
+        for slot in (0, 1):
+            for parameter in model.part_transfer.residuals[slot].parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+    cameras = pipeline.datamanager.train_dataset.cameras[0:2]
+    grads = []
+    for kernel in ("1", "0"):
+        monkeypatch.setenv("GRIDINR_FUSED_MARCH", kernel)
+        model.part_transfer.zero_grad()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same stratified positions and colour projections
+            outputs = model.get_view_outputs(cameras)
+            renders = [outputs["rgb"]] + [part[key] for part in outputs["parts"].values() for key in part]
+            sum(render.square().mean() for render in renders).backward()
+        grads.append([p.grad.clone() for p in model.part_transfer.parameters() if p.grad is not None])
+    pixels = int(cameras.width[0]) * int(cameras.height[0])
+    assert calls == [pixels] * 6  # two views: the whole render and two part renders each, all fused
+    assert len(grads[0]) == len(grads[1]) > 0
+    for fused, reference in zip(*grads):
+        assert torch.allclose(fused, reference, atol=1e-8, rtol=1e-3)
