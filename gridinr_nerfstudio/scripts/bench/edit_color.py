@@ -50,7 +50,7 @@ def color_run(stage1: Path, device: str, seconds: float, value_range: tuple[floa
         model.eval()
         with torch.no_grad():
             accumulation = model.render_view_outputs(cameras, model.color_fn())["accumulation"]
-        distance = model.target_eval_metrics(cameras, [])["target1_color_distance"]
+        distance = model.target_eval_metrics(cameras, []).get("target1_color_distance", math.nan)  # nan: not shown
         model.train()
         return accumulation, distance
 

@@ -9,8 +9,8 @@ pixels of a palette image ("colour it like this photograph").
 The distance is the sliced 2-Wasserstein distance in RGB (Rabin et al. 2011, Bonneel et al. 2015): both weighted
 point sets projected on random unit directions, and the 1-D 2-Wasserstein distance of each projection computed
 exactly from the two quantile functions (both piecewise constant: the integral runs over the union of their
-steps). Differentiable w.r.t. the rendered colours; the weights are held fixed (detached), so the loss recolours
-what is shown and cannot win by hiding pixels. Our own 30 lines rather than POT (`ot.sliced_wasserstein_distance`),
+steps). Differentiable w.r.t. the rendered colours; the weights are held fixed (detached) and a colour is the
+part's un-premultiplied one, so the loss recolours what is shown and cannot win by hiding or fading pixels. Our own 30 lines rather than POT (`ot.sliced_wasserstein_distance`),
 a large dependency for one function; `tests/test_color_loss.py` checks ours against scipy's 1-D Wasserstein
 distance and against sorted samples.
 """
@@ -99,13 +99,17 @@ def palette_colors(path: Union[str, Path], max_colors: int = MAX_PALETTE_COLORS)
 def part_pixel_colors(rgb: torch.Tensor, accumulation: torch.Tensor, background: torch.Tensor,
                       min_accumulation: float = 1e-2) -> Tuple[torch.Tensor, torch.Tensor]:
     """Colours (M, 3) and weights (M,) of the pixels of part renders rgb (..., 3) and accumulation (..., 1)
-    where the accumulation exceeds `min_accumulation`; the weights are the (detached) accumulations."""
+    where the accumulation exceeds `min_accumulation`; the weights are the (detached) accumulations.
+
+    A colour is the part's own (un-premultiplied) colour, premultiplied / accumulation with the accumulation not
+    detached: scaling the part's opacity leaves it as it is, so a target that may change opacity cannot move its
+    colours by fading the part out (dividing by a detached accumulation would let it darken them that way)."""
     rgb = rgb.reshape(-1, 3)
     alpha = accumulation.reshape(-1, 1)
     shown = (alpha.detach()[:, 0] > min_accumulation).nonzero().squeeze(-1)
     alpha = alpha.index_select(0, shown)
     premultiplied = rgb.index_select(0, shown) - (1.0 - alpha) * background.to(rgb).reshape(1, 3)
-    return premultiplied / alpha.detach(), alpha.detach()[:, 0]
+    return premultiplied / alpha, alpha.detach()[:, 0]
 
 
 def random_directions(count: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
