@@ -12,11 +12,7 @@ from gridinr_nerfstudio.gridinr_config import edit_fast_trainer_config, edit_tra
 from gridinr_nerfstudio.scripts.bench.cli import main as bench_main
 
 
-@pytest.fixture(autouse=True)
-def keep_global_rng():
-    """These tests draw random numbers (views, crops, MLP inits); later tests see the RNG as if they had not run."""
-    with torch.random.fork_rng():
-        yield
+pytestmark = pytest.mark.usefixtures("keep_global_rng")
 
 
 def test_edit_benchmark_reports_both_profiles_and_the_clip_floor(tiny_fit_run: Path, tiny_clip, tmp_path: Path, capsys):

@@ -7,26 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import register_tiny_clip, save_tiny_clip_weights
 
 from gridinr_nerfstudio.gridinr_config import edit_trainer_config
 from gridinr_nerfstudio.stages.edit.clip_loss import clip_cosine
 from gridinr_nerfstudio.transfer.transfer_mlp import interpolate_table
 
 
-@pytest.fixture(autouse=True)
-def keep_global_rng():
-    """These tests draw random numbers (views, crops); later tests see the RNG as if they had not run."""
-    with torch.random.fork_rng():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-clip")
-    name = register_tiny_clip(root / "configs")
-    with torch.random.fork_rng():
-        return name, save_tiny_clip_weights(name, root / "open_clip_pytorch_model.bin")
+pytestmark = pytest.mark.usefixtures("keep_global_rng")
 
 
 def edit_pipeline(stage1: Path, clip=None, **model_overrides):
