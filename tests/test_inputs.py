@@ -318,7 +318,8 @@ def test_resume_refuses_a_checkpoint_that_does_not_load(tmp_path: Path, tiny_fit
 def test_edit_rejects_bad_stage1_config(tmp_path: Path, tiny_fit_run: Path) -> None:
     truncated = tmp_path / "truncated" / "config.yml"
     truncated.parent.mkdir()
-    truncated.write_text(tiny_fit_run.read_text()[: len(tiny_fit_run.read_text()) // 2])
+    text = tiny_fit_run.read_text()
+    truncated.write_text(text[: text.index(":", len(text) // 2)])  # cut inside a key, past the middle
     not_yaml = tmp_path / "not_yaml.yml"
     not_yaml.write_text("{{{ this is: [not yaml\n")
     for path, words in [(truncated, "not a loadable run config"), (not_yaml, "not a loadable run config"),
