@@ -122,9 +122,9 @@ def _content(info: VolumeInfo, variable: str, timestep: int) -> str:
     return f"{info.name} {variable} t={timestep} converted by gridinr-data from {info.path.name} ({info.format})"
 
 
-def _write_npy(path: Path, slabs: Iterator[np.ndarray], info: VolumeInfo, variable: str, timestep: int,
-               dtype: np.dtype, name: str) -> None:
-    x, y, z = info.dims
+def write_npy_slabs(path: Path, slabs: Iterator[np.ndarray], dims: "tuple[int, int, int] | list[int]", dtype: np.dtype) -> Path:
+    """z-slabs of an (X, Y, Z)-sized volume into a .npy of shape (Z, Y, X) through a memmap (memory stays a slab)."""
+    x, y, z = dims
     array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(z, y, x))
     start = 0
     for slab in slabs:
@@ -132,6 +132,12 @@ def _write_npy(path: Path, slabs: Iterator[np.ndarray], info: VolumeInfo, variab
         start += slab.shape[0]
     array.flush()
     del array
+    return path
+
+
+def _write_npy(path: Path, slabs: Iterator[np.ndarray], info: VolumeInfo, variable: str, timestep: int,
+               dtype: np.dtype, name: str) -> None:
+    write_npy_slabs(path, slabs, info.dims, dtype)
 
 
 def _write_nrrd(path: Path, slabs: Iterator[np.ndarray], info: VolumeInfo, variable: str, timestep: int,

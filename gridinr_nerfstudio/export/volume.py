@@ -26,6 +26,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
+from gridinr_nerfstudio.export.convert import write_npy_slabs
 from gridinr_nerfstudio.export.source import ExportError, ExportSource, VolumeMeta
 from gridinr_nerfstudio.safe_write import check_free_space, check_target, format_bytes, staged_outputs
 
@@ -229,15 +230,7 @@ def export_volume(source: ExportSource, output: Path, grid: OutputGrid, units: U
 
 def write_npy(path: Path, slabs: Iterator[np.ndarray], grid: OutputGrid, dtype: np.dtype, meta: VolumeMeta) -> Path:
     """numpy .npy of shape (Z, Y, X), written through a memmap (the spacing is not stored: .npy has no header room)."""
-    x, y, z = grid.dims
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(z, y, x))
-    start = 0
-    for slab in slabs:
-        array[start : start + slab.shape[0]] = slab
-        start += slab.shape[0]
-    array.flush()
-    del array
-    return path
+    return write_npy_slabs(path, slabs, grid.dims, dtype)
 
 
 def write_raw_dataset(raw_file: Path, json_file: Path, name: str, slabs: Iterator[np.ndarray], grid: OutputGrid,

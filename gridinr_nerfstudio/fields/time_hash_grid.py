@@ -27,6 +27,7 @@ from torch import nn
 from gridinr_nerfstudio.fields.hash_grid import _backend
 from gridinr_nerfstudio.fields.hash_grid.encoding import HashGridEncoding
 from gridinr_nerfstudio.fields.hash_grid.geometry import GridGeometry
+from gridinr_nerfstudio.thread_policy import kernel_threads
 
 ROTATION_PRIME = 7919
 """Node k's window starts (k * ROTATION_PRIME) mod (size / 4) entries into a hashed level: distinct per node, at
@@ -91,7 +92,8 @@ class _NodeGroupsCpp(torch.autograd.Function):
         outputs, start = [], 0
         for count, (scales, info, shift) in zip(counts, arguments):
             if count:
-                outputs.append(_backend.cpp.forward(positions[start : start + count], params, scales, info, shift, features))
+                outputs.append(_backend.cpp.forward(positions[start : start + count], params, scales, info, shift, features,
+                                                    kernel_threads()))
             start += count
         return torch.cat(outputs)
 
@@ -107,7 +109,7 @@ class _NodeGroupsCpp(torch.autograd.Function):
             if count:
                 rows = slice(start, start + count)
                 _backend.cpp.backward_params(positions[rows].contiguous(), grad_out[rows].contiguous(), grad_params,
-                                             scales, info, shift, features)
+                                             scales, info, shift, features, kernel_threads())
             start += count
         return None, grad_params, None, None, None
 

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gridinr_nerfstudio.scripts.bench.timing import cpu_burners
+
 POLICIES = ("1", "all", "kernels", "adaptive")
 PHASES = ("batch", "forward", "backward", "optimizer")
 
@@ -83,36 +85,29 @@ def worker_command(data: Path | None, policy: str, seconds: float, phases: bool,
     return [sys.executable, "-m", "gridinr_nerfstudio.scripts.bench.contention", "--worker", json.dumps(spec)]
 
 
-def _burner() -> list[str]:
-    yes = shutil.which("yes")
-    return [yes] if yes else [sys.executable, "-c", "while True: pass"]
-
-
 @contextmanager
 def co_runners(busy: int, memory: bool, data: Path | None, env: dict) -> Iterator[None]:
-    """Start `busy` CPU burners and optionally a nice-19 training process; kill each of them (by its process
-    group, which only it is in) when the block ends, however it ends."""
-    started: list[subprocess.Popen] = []
+    """Start `busy` CPU burners (timing.cpu_burners) and optionally a nice-19 training process; kill each of them
+    (by its process group, which only it is in) when the block ends, however it ends."""
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on a kill too
+    trainer = None
     try:
-        for _ in range(busy):
-            started.append(subprocess.Popen(_burner(), stdout=subprocess.DEVNULL, start_new_session=True))
-        if memory:
-            command = worker_command(data, "all", float("inf"), False, "off")
-            trainer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env,
-                                       preexec_fn=lambda: os.nice(19))
-            started.append(trainer)
-            if trainer.stdout.readline().strip() != "ready":  # it trains from here on
-                raise RuntimeError("gridinr-bench contention: the memory co-runner did not start")
-        time.sleep(0.5)
-        yield
+        with cpu_burners(busy):
+            if memory:
+                command = worker_command(data, "all", float("inf"), False, "off")
+                trainer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                           env=env, preexec_fn=lambda: os.nice(19))
+                if trainer.stdout.readline().strip() != "ready":  # it trains from here on
+                    raise RuntimeError("gridinr-bench contention: the memory co-runner did not start")
+            time.sleep(0.5)
+            yield
     finally:
-        for process in started:
+        if trainer is not None:
             try:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(trainer.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            process.wait()
+            trainer.wait()
         signal.signal(signal.SIGTERM, previous)
 
 
