@@ -175,6 +175,7 @@ class LogLinearDecayScheduler(Scheduler):
 FIT_ITERATIONS = 1000
 CPU_FIT_ITERATIONS = 2000
 EDIT_ITERATIONS = 1000
+PARTS_LR = 5e-3
 
 
 def use_cpu_field_defaults(config: GridINRTrainerConfig) -> GridINRTrainerConfig:
@@ -244,8 +245,12 @@ def edit_trainer_config() -> GridINRTrainerConfig:
         viewer=loopback_viewer(),
         pipeline=EditPipelineConfig(),
         optimizers={
-            "transfer_mlp": {
+            "transfer_mlp": {  # the warm-start MLP: trains only in runs without targets (pixel term alone)
                 "optimizer": FusedAdamOptimizerConfig(lr=5e-4, eps=1e-15),
+                "scheduler": None,
+            },
+            "transfer_parts": {  # each target's residual (starts at zero: a larger step than the MLP's)
+                "optimizer": FusedAdamOptimizerConfig(lr=PARTS_LR, eps=1e-15),
                 "scheduler": None,
             },
         },

@@ -133,3 +133,11 @@ def tiny_fit_run(tmp_path_factory) -> Path:
 
     # 300 steps (about 1.5 s more than 60): renders show the volume (sphere and helix), not a faint blob.
     return train_tiny_fit(tmp_path_factory.mktemp("tiny-fit"), iterations=300)
+
+
+@pytest.fixture
+def keep_global_rng():
+    """Tests that draw random numbers (views, crops, MLP inits) leave the global RNG as if they had not run
+    (`pytestmark = pytest.mark.usefixtures("keep_global_rng")`)."""
+    with torch.random.fork_rng():
+        yield

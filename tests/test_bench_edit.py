@@ -12,19 +12,21 @@ from gridinr_nerfstudio.gridinr_config import edit_fast_trainer_config, edit_tra
 from gridinr_nerfstudio.scripts.bench.cli import main as bench_main
 
 
-@pytest.fixture(autouse=True)
-def keep_global_rng():
-    """These tests draw random numbers (views, crops, MLP inits); later tests see the RNG as if they had not run."""
-    with torch.random.fork_rng():
-        yield
+pytestmark = pytest.mark.usefixtures("keep_global_rng")
 
 
 def test_edit_benchmark_reports_both_profiles_and_the_clip_floor(tiny_fit_run: Path, tiny_clip, tmp_path: Path, capsys):
     name, weights = tiny_clip
     output = tmp_path / "edit.json"
     bench_main(["edit", "--load-config", str(tiny_fit_run), "--clip-model", name, "--clip-weights", str(weights),
-                "--steps", "1", "--json", str(output)])
+                "--steps", "1", "--sections", "profiles,targets", "--targets", "1,2", "--json", str(output)])
     results = json.loads(output.read_text())
+    # Edits by parts: each target adds its part render and its crops; the ratio is to the sum of those floors.
+    crops = edit_trainer_config().pipeline.model.clip_crops
+    for count in (1, 2):
+        row = results["targets"][str(count)]
+        assert (row["renders"], row["clip_crops"]) == (1 + count, count * crops)
+        assert row["x_floors"] == pytest.approx(row["seconds_per_iteration"] / (row["render_floor"] + row["clip_floor"]))
     for key in ("default", "fast", "clip_floor"):
         assert results[key]["seconds_per_iteration"] > 0
     fast = results["fast"]
@@ -38,7 +40,21 @@ def test_edit_benchmark_reports_both_profiles_and_the_clip_floor(tiny_fit_run: P
     assert results["default"]["x_clip_floor"] == pytest.approx(
         results["default"]["seconds_per_iteration"] / results["clip_floor"]["seconds_per_iteration"])
     printed = capsys.readouterr().out
-    assert "clip_floor (default)" in printed and "fast profile" in printed
+    assert "clip_floor (default)" in printed and "fast profile" in printed and "edits by parts" in printed
+
+
+def test_edit_benchmark_colour_target_needs_no_clip_and_keeps_opacity(tiny_fit_run: Path, tmp_path: Path, capsys):
+    output = tmp_path / "color.json"
+    bench_main(["edit", "--load-config", str(tiny_fit_run), "--color-seconds", "1", "--color-eval-every", "2",
+                "--color-views", "1", "--color-range", "0.55", "1.0", "--json", str(output)])
+    results = json.loads(output.read_text())
+    assert results["config"]["sections"] == ["color"]  # without CLIP weights: the colour section alone
+    for variant in ("colour_only", "with_opacity"):
+        row = results["color"][variant]
+        assert row["steps"] >= 1 and row["trace"][0]["ratio"] == 1.0 and row["start_distance"] > 0
+        assert row["end_ratio"] == pytest.approx(row["end_distance"] / row["start_distance"])
+    assert results["color"]["colour_only"]["min_accumulation_psnr"] == float("inf")  # opacity untouched, exactly
+    assert "halved at" in capsys.readouterr().out
 
 
 def test_edit_benchmark_rejects_a_run_that_is_not_a_fit_run(tmp_path: Path, tiny_clip):
@@ -58,7 +74,8 @@ def test_fast_profile_renders_fewer_pixels_and_one_directional_crop(tiny_fit_run
         config.pipeline.model.clip_model, config.pipeline.model.clip_weights = name, weights
         pipelines[profile] = config.pipeline.setup(device="cpu", test_mode="val")
     default, fast = pipelines["default"], pipelines["fast"]
-    assert fast.model.clip_loss.directional and fast.model.clip_loss.crops_per_image == 1
+    clip_loss = fast.model.scored[0].clip_loss  # the command-line prompt over all values
+    assert clip_loss.directional and clip_loss.crops_per_image == 1
     full = default.datamanager.train_images  # (K, 32, 32, 3) in the tiny run
     half = fast.datamanager.train_images
     assert half.shape == (full.shape[0], full.shape[1] // 2, full.shape[2] // 2, 3)

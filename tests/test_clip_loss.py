@@ -158,11 +158,36 @@ def test_retargeting_changes_the_target_embedding(clip: LoadedClip, tmp_path: Pa
 
 
 def test_bad_arguments_are_rejected(clip: LoadedClip, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="needs target_text or target_image"):
         ClipLoss(clip)
+    with pytest.raises(ValueError, match="not both"):
+        ClipLoss(clip, target_text="x", target_image=tmp_path / "ref.png")
+    with pytest.raises(ValueError, match="needs target_text or target_image"):
+        ClipLoss(clip, negative_texts=["grey"], directional=True)  # a direction needs a target
     with pytest.raises(ValueError, match="reference_images"):
         ClipLoss(clip, target_text="x", directional=True)(torch.rand(1, 32, 32, 3))
     with pytest.raises(ValueError, match="cannot read image"):
         ClipLoss(clip, target_image=tmp_path / "missing.png")
     with pytest.raises(ValueError, match="unknown open_clip model"):
         load_clip("no-such-model", tmp_path / "w.bin")
+
+
+def test_negative_prompts_add_their_weighted_mean_cosine(clip: LoadedClip) -> None:
+    """Without augmentation the loss is 1 - cos(target) + w * mean cos(negatives), computed here by hand; negative
+    texts alone (a colour target's) leave only their term."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 48, 48, 3)
+    embeddings = clip.encode_images(images)
+    target, negatives = clip.encode_text("a red molecule")[0], clip.encode_text(["grey", "noisy"])
+    loss = ClipLoss(clip, target_text="a red molecule", augment=False, negative_texts=["grey", "noisy"],
+                    negative_weight=0.7)
+    expected = (1 - embeddings @ target).mean() + 0.7 * (embeddings @ negatives.t()).mean()
+    assert float(loss(images)) == pytest.approx(float(expected), abs=1e-5)
+    alone = ClipLoss(clip, augment=False, negative_texts=["grey", "noisy"], negative_weight=0.7)
+    assert float(alone(images)) == pytest.approx(float(0.7 * (embeddings @ negatives.t()).mean()), abs=1e-5)
+    # Its gradient lowers the cosine to the negatives.
+    pixels = images.clone().requires_grad_(True)
+    alone(pixels).backward()
+    with torch.no_grad():
+        stepped = (pixels - 0.5 * pixels.grad / pixels.grad.abs().max()).clamp(0, 1)
+    assert (clip.encode_images(stepped) @ negatives.t()).mean() < (embeddings @ negatives.t()).mean()

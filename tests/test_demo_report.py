@@ -72,7 +72,7 @@ def test_training_log_matches_tensorboard(tiny_edit_run: Path) -> None:
 
     events = EventAccumulator(str(tiny_edit_run), size_guidance={"scalars": 0}).Reload()
     log = read_train_log(tiny_edit_run / "train_log.csv")
-    for name in ("Train Loss", "Train Loss Dict/clip_loss", "Train Loss Dict/pixel_loss", "Train Metrics Dict/psnr"):
+    for name in ("Train Loss", "Train Loss Dict/target1_clip_loss", "Train Loss Dict/pixel_loss", "Train Metrics Dict/psnr"):
         scalars = events.Scalars(name)
         assert log[name][0] == [event.step for event in scalars] == [0, 10, 20]
         np.testing.assert_allclose(log[name][1], [event.value for event in scalars], rtol=1e-6)
@@ -87,12 +87,15 @@ def test_report_draws_curves_and_error_bars_in_a_few_panels(tiny_edit_run: Path,
     assert len(panels) <= 6
     losses = panels["training loss (each term)"]
     curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in losses.get_lines()}
-    assert set(curves) == {"train loss", "clip_loss", "pixel_loss"}
+    assert set(curves) == {"train loss", "pixel_loss"}
+    targets = panels["each target's loss (edits by part)"]  # the prompt is the run's one target
+    curves.update({line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in targets.get_lines()})
+    assert set(curves) == {"train loss", "pixel_loss", "target1_clip_loss"}
     assert all(steps == [0, 10, 20] for steps, _ in curves.values())  # curves per step, not one dot
     psnr_panel = panels["PSNR (dB) over steps"]
     assert [line.get_label() for line in psnr_panel.get_lines() if not line.get_label().startswith("_")] == ["psnr"]
     assert [container.get_label() for container in psnr_panel.containers] == ["eval psnr"]  # with its spread
-    assert "CLIP over steps" in panels or "clip_loss" in curves
+    assert "CLIP over steps" in panels or "target1_clip_loss" in curves
     with (tiny_edit_run / "metrics.csv").open(newline="") as file:
         row = list(csv.DictReader(file))[-1]
     (bars,) = [c for c in panels["evaluation: PSNR (dB), last evaluation +- std"].containers if isinstance(c, BarContainer)]
@@ -101,5 +104,6 @@ def test_report_draws_curves_and_error_bars_in_a_few_panels(tiny_edit_run: Path,
     assert segment[1][1] - segment[0][1] == pytest.approx(2 * float(row["psnr_std"]))  # the spread, both ways
     similarity = panels["evaluation: similarity, last evaluation +- std"]
     shown = [tick.get_text() for tick in similarity.get_xticklabels()]
-    assert shown == [name for name in row if name in ("ssim", "lpips", "clip_cosine")]  # the CSV's, in its order
+    assert shown == [name for name in row if name in ("ssim", "lpips", "clip_cosine", "target1_clip_cosine")]
+    assert "target1_clip_cosine" in shown  # each target's own score (its part renders; here all values)
     assert "wrote" in capsys.readouterr().out

@@ -31,7 +31,8 @@ def edit_pipeline(stage1_config: Path, lam_clip: float = 0.0, clip=None, target_
 
 
 def train_steps(pipeline, steps: int, lr: float = 5e-3) -> list[dict]:
-    optimizer = torch.optim.Adam(pipeline.model.get_param_groups()["transfer_mlp"], lr=lr)
+    groups = pipeline.model.get_param_groups()  # the MLP trains without targets, the targets' residuals with them
+    optimizer = torch.optim.Adam(groups["transfer_mlp"] + groups["transfer_parts"], lr=lr)
     history = []
     for step in range(steps):
         _, losses, metrics = pipeline.get_train_loss_dict(step)
@@ -52,7 +53,8 @@ def test_gradients_reach_transfer_mlp_and_never_the_field(tiny_fit_run):
     assert all(g is not None for g in mlp_grads) and sum(float(g.abs().sum()) for g in mlp_grads) > 0
     assert all(not p.requires_grad and p.grad is None for p in model.field.parameters())
     assert not model.field.training  # frozen field stays in eval mode
-    assert set(model.get_param_groups()) == {"transfer_mlp"}
+    assert set(model.get_param_groups()) == {"transfer_mlp", "transfer_parts"}
+    assert all(p.grad is None for p in model.part_transfer.parameters())  # no targets: only the MLP trains
 
 
 def test_field_is_the_stage1_field(tiny_fit_run):
@@ -80,19 +82,23 @@ def test_clip_term_falls_for_a_fixed_target(tiny_fit_run, tiny_clip):
     torch.manual_seed(0)
     pipeline = edit_pipeline(tiny_fit_run, lam_clip=1.0, lam_pix=0.0, clip=tiny_clip, prompt="a glowing orange molecule")
     history = train_steps(pipeline, 24, lr=1e-2)
-    clip_losses = [h["clip_loss"] for h in history]
+    clip_losses = [h["target1_clip_loss"] for h in history]  # the command-line prompt: one target, all values
     assert sum(clip_losses[-6:]) / 6 < sum(clip_losses[:6]) / 6 - 0.01, clip_losses
 
 
 def test_viewer_prompt_and_lam_pix_apply_without_restart(tiny_fit_run, tiny_clip):
+    from gridinr_nerfstudio.stages.edit.target_controls import FOLDER
+
     pipeline = edit_pipeline(tiny_fit_run, lam_clip=1.0, clip=tiny_clip, prompt="a red molecule")
     model = pipeline.model
-    before = model.clip_loss.target_embedding.clone()
-    model.viewer_prompt.value = "a blue jellyfish"  # what viser does on edit, then the viewer calls the hook
-    model.viewer_prompt.cb_hook(model.viewer_prompt)
+    before = model.scored[0].clip_loss.target_embedding.clone()
+    text = getattr(model, FOLDER).slots[0].elements["b_text"]  # the command-line target's prompt box
+    assert text.value == "a red molecule"
+    text.value = "a blue jellyfish"  # what viser does on edit, then the viewer calls the hook
+    text.cb_hook(text)
     expected = pipeline.clip.encode_text("a blue jellyfish")[0]
-    assert torch.allclose(model.clip_loss.target_embedding, expected) and not torch.allclose(before, expected)
-    assert model.config.prompt == "a blue jellyfish"
+    assert torch.allclose(model.scored[0].clip_loss.target_embedding, expected) and not torch.allclose(before, expected)
+    assert model.targets[0].prompt == "a blue jellyfish"
     model.viewer_lam_pix.value = 0.5
     model.viewer_lam_pix.cb_hook(model.viewer_lam_pix)
     _, losses, metrics = pipeline.get_train_loss_dict(0)
@@ -114,13 +120,17 @@ def test_image_target_pulls_renders_towards_it(tiny_fit_run, tiny_clip, tmp_path
         baseline_mlp = {k: v.clone() for k, v in model.transfer_mlp.state_dict().items()}
         from gridinr_nerfstudio.data.volume_io import voxel_size_world
         from gridinr_nerfstudio.transfer.transfer_mlp import fit_to_transfer_function
+    model.transfer_mlp.requires_grad_(True)  # (frozen while the prompt target is set: only its residual trains)
     fit_to_transfer_function(model.transfer_mlp, target_settings.transfer_function(voxel_size_world(model.volume)))
+    model.transfer_mlp.requires_grad_(False)
     with torch.no_grad():
         target = model.render_views(cameras)[0].clamp(0, 1)
     model.transfer_mlp.load_state_dict(baseline_mlp)
     target_path = tmp_path / "target.png"
     iio.imwrite(target_path, (target.numpy() * 255).round().astype("uint8"))
-    model.clip_loss.set_target_image(target_path)
+    from gridinr_nerfstudio.stages.edit.targets import EditTarget
+
+    model.set_target(0, EditTarget(image=target_path))  # as the viewer retargets
 
     def psnr_to_target() -> float:
         model.eval()
@@ -161,8 +171,9 @@ def test_ns_train_edit_and_ns_eval(tiny_fit_run, tmp_path):
     metrics = json.loads(output.read_text())["results"]
     for key in ("psnr", "ssim", "ms_per_frame", "rays_per_s"):
         assert math.isfinite(metrics[key])
-    assert "clip_cosine" not in metrics and "clip_cosine is not reported" in result.stdout
-    assert "CLIP weights" in " ".join(result.stdout.split())
+    # Without a CLIP term the edit has no target: no CLIP score, and nothing said about CLIP weights.
+    assert "clip_cosine" not in metrics and "clip_cosine" not in result.stdout
+    assert "CLIP weights" not in " ".join(result.stdout.split())
     assert (run_dir / "renders" / "edit_000.png").exists() and (run_dir / "renders" / "reference_000.png").exists()
     assert ",edit," in (run_dir / "metrics.csv").read_text()
 

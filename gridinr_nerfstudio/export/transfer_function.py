@@ -4,9 +4,12 @@ applied to the raw data in ParaView.
 
 - gridinr-fit run: the run's transfer function (render settings) node for node: colour nodes and opacity
   points, RGB colour space (presets in other colour spaces were already resampled into dense RGB nodes on import).
-- gridinr-edit run: the transfer MLP sampled at `samples` evenly spaced values (default: the MLP's own lookup
-  table, which is exactly what the renderer interpolates, 1024 nodes); its extinction sigma becomes a ParaView
-  opacity `a = 1 - exp(-sigma * unit_distance)` (DESIGN.md, Rendering).
+- gridinr-edit run: the edited transfer function (the warm-start MLP plus every target's residual) at its own
+  1024-entry table, which is exactly what the renderer interpolates, or sampled at `samples` evenly spaced values;
+  its extinction sigma becomes a ParaView opacity `a = 1 - exp(-sigma * unit_distance)` (DESIGN.md, Rendering).
+  Each target's part shows in the preset: ParaView's colour legend labels its range (`Annotations`: the value at
+  the middle of the part, "n: label [low, high]"), and `gridinr_targets` lists each target with its range in data
+  units, its kind and label (ParaView ignores keys it does not know).
 
 ParaView's opacity is per "Scalar Opacity Unit Distance" (a property of the volume display, not of the preset): set
 it to the printed physical unit distance (one voxel of the longest axis by default) for the same look. Our import
@@ -56,24 +59,54 @@ def opacity_from_sigma(sigma: np.ndarray, unit_distance: float) -> np.ndarray:
 
 def run_transfer_nodes(source: ExportSource, samples: Optional[int] = None):
     """(colour nodes, colours (K, 3), opacity points (P, 2)), all in normalised values, and the kind."""
+    from gridinr_nerfstudio.transfer.transfer_mlp import interpolate_table
+
     model = source.model
     world, _ = unit_distances(source)
     mlp = getattr(model, "transfer_mlp", None)
     if mlp is None:
         tf = model.transfer_function()
         return tf.color_nodes, tf.colors, tf.opacity_points, "transfer function"
+    parts = getattr(model, "part_transfer", None)
+    edited = parts is not None and bool(parts.active.any())
     with torch.no_grad():
+        table = model.transfer_table() if edited else mlp.table()
         if samples is None:
-            nodes, table = np.linspace(0.0, 1.0, mlp.lut_size), mlp.table().double().cpu().numpy()
-            rgb, sigma = table[:, :3], table[:, 3]
+            nodes = np.linspace(0.0, 1.0, table.shape[0])
+            rgb, sigma = table[:, :3].double().cpu().numpy(), table[:, 3].double().cpu().numpy()
         else:
             if samples < 2:
                 raise ExportError(f"--samples must be at least 2, got {samples}")
             nodes = np.linspace(0.0, 1.0, samples)
-            rgb_t, sigma_t = mlp.evaluate(torch.as_tensor(nodes, dtype=torch.float32, device=mlp.sigma_scale.device))
+            values = torch.as_tensor(nodes, dtype=torch.float32, device=table.device)
+            # Edited: the table as the renderer reads it; the MLP alone: the MLP itself between its nodes.
+            rgb_t, sigma_t = interpolate_table(table, values) if edited else mlp.evaluate(values)
             rgb, sigma = rgb_t.double().cpu().numpy(), sigma_t.double().cpu().numpy()
     opacity = opacity_from_sigma(sigma, world)
-    return nodes, np.clip(rgb, 0.0, 1.0), np.stack([nodes, opacity], axis=1), "transfer MLP"
+    kind = "edited transfer function (transfer MLP + targets)" if edited else "transfer MLP"
+    return nodes, np.clip(rgb, 0.0, 1.0), np.stack([nodes, opacity], axis=1), kind
+
+
+def target_annotations(source: ExportSource, to_units) -> tuple[list[str], list[dict[str, Any]]]:
+    """ParaView `Annotations` (value, label, ...) at the middle of each target's part, and the targets listed
+    with their ranges in the preset's units; empty for runs without targets."""
+    model = source.model
+    parts = getattr(model, "part_transfer", None)
+    if parts is None:
+        return [], []
+    annotations: list[str] = []
+    listed: list[dict[str, Any]] = []
+    targets = getattr(model, "targets", [])
+    for slot in parts.active_slots():
+        low, high, softness = (float(v) for v in parts.ranges[slot].tolist())
+        data_low, data_high = (float(v) for v in to_units(np.array([low, high])))
+        label = parts.labels[slot] or f"part {slot + 1}"
+        target = targets[slot] if slot < len(targets) else None
+        annotations += [f"{float(to_units(np.array([(low + high) / 2.0]))[0]):.7g}",
+                        f"{slot + 1}: {label} [{data_low:.4g}, {data_high:.4g}]"]
+        listed.append({"target": slot + 1, "label": label, "range": [data_low, data_high],
+                       "kind": getattr(target, "kind", "unknown"), "edits_opacity": bool(parts.opacity[slot])})
+    return annotations, listed
 
 
 def build_preset(source: ExportSource, name: str, units: Units = "data", samples: Optional[int] = None):
@@ -98,6 +131,10 @@ def build_preset(source: ExportSource, name: str, units: Units = "data", samples
         "RGBPoints": rgb_points.reshape(-1).tolist(),
         "Points": points.reshape(-1).tolist(),
     }
+    annotations, targets = target_annotations(source, to_units)
+    if annotations:
+        preset["Annotations"] = annotations
+        preset["gridinr_targets"] = targets
     return preset, kind, world, physical, len(color_nodes)
 
 
@@ -107,7 +144,11 @@ def preset_json(preset: dict[str, Any]) -> str:
     items = list(preset.items())
     for index, (key, value) in enumerate(items):
         comma = "," if index < len(items) - 1 else ""
-        if key in ("RGBPoints", "Points"):
+        if key == "gridinr_targets":
+            lines.append(f"  {json.dumps(key)}: [")
+            lines.extend(f"   {json.dumps(item)}{',' if i < len(value) - 1 else ''}" for i, item in enumerate(value))
+            lines.append(f"  ]{comma}")
+        elif key in ("RGBPoints", "Points"):
             rows = [", ".join(json.dumps(v) for v in value[i : i + 4]) for i in range(0, len(value), 4)]
             lines.append(f"  {json.dumps(key)}: [")
             lines.extend(f"   {row}{',' if i < len(rows) - 1 else ''}" for i, row in enumerate(rows))

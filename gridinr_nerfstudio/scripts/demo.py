@@ -3,8 +3,10 @@
 Runs the real command-line tools one after another, exactly as a user would type them:
 
 1. `ns-train gridinr-fit` on the built-in volume, then `ns-eval` (volume PSNR, PSNR/SSIM/LPIPS, speed);
-2. `ns-train gridinr-edit` on that run: with the CLIP term when CLIP weights are in the cache, otherwise
-   pixel loss only (a note says so), then `ns-eval`;
+2. `ns-train gridinr-edit` on that run with a targets file (`demo_output/targets.json`): the double helix (values
+   0.8-1, the built-in volume's tubes) recoloured like the shipped "ocean" palette, a colour target that needs no
+   CLIP, so every machine shows an edit; with CLIP weights in the cache also the prompt on the rest of the values
+   (without them a note says so), then `ns-eval`;
 3. `gridinr-render orbit` (a short video) and `gridinr-report` (plots and a before/after figure).
 
 Everything lands in OUTPUT_DIR; `summary.json` lists the figures. OUTPUT_DIR is replaced when a previous demo
@@ -83,7 +85,8 @@ class Status:
 
 
 def training_progress(pattern: str, root: Path, total: int) -> Callable[[], Optional[str]]:
-    """Reads the newest `train_log.csv` matching `root/pattern`: step of total, ETA, loss and PSNR (or CLIP)."""
+    """Reads the newest `train_log.csv` matching `root/pattern`: step of total, ETA, loss, PSNR and each edit
+    target's loss."""
 
     def describe() -> Optional[str]:
         logs = sorted(root.glob(pattern))
@@ -98,7 +101,8 @@ def training_progress(pattern: str, root: Path, total: int) -> Callable[[], Opti
             parts.append(f"ETA {series[ETA_NAME][1][-1]:.0f} s")
         parts.append(f"loss {series['Train Loss'][1][-1]:.4g}")
         for name, (_, values) in series.items():
-            if name.startswith(("Train Metrics Dict/", "Train Loss Dict/")) and ("psnr" in name or "clip" in name):
+            if name.startswith(("Train Metrics Dict/", "Train Loss Dict/")) and any(
+                    word in name for word in ("psnr", "clip", "target")):
                 unit = " dB" if "psnr" in name else ""
                 parts.append(f"{name.rpartition('/')[2]} {values[-1]:.4g}{unit}")
         return ", ".join(parts)
@@ -122,8 +126,21 @@ def clip_available(model: str, pretrained: str) -> bool:
         resolve_clip_weights(model, pretrained)
         return True
     except ClipWeightsUnavailable as error:
-        print(f"note: {error}\nnote: stage 2 runs with the pixel loss only (--pipeline.model.lam-clip 0).", flush=True)
+        print(f"note: {error}\nnote: the demo's edit uses its colour target only (it needs no CLIP weights).",
+              flush=True)
         return False
+
+
+COLOR_TARGET = {"range": [0.8, 1.0], "palette": "ocean", "name": "helix like the ocean palette"}
+"""The demo's colour target: the built-in volume's tubes (value 1) recoloured like the shipped palette."""
+
+
+def demo_targets(prompt: str, use_clip: bool) -> dict:
+    """The targets file of the demo's edit: the colour target, and the prompt on the other values with CLIP."""
+    targets = [COLOR_TARGET]
+    if use_clip:
+        targets.append({"range": [0.0, 0.75], "prompt": prompt})
+    return {"targets": targets}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     run([tool("ns-eval"), "--load-config", str(fit_config), "--output-path", str(out / "fit_eval.json")], log)
 
     use_clip = clip_available("ViT-B-16", "laion2b_s34b_b88k")
-    edit_flags = ["--pipeline.model.prompt", args.prompt] if use_clip else ["--pipeline.model.lam-clip", "0"]
+    targets = out / "targets.json"
+    targets.write_text(json.dumps(demo_targets(args.prompt, use_clip), indent=1) + "\n")
+    edit_flags = ["--pipeline.model.targets", str(targets)]
     run([tool("ns-train"), "gridinr-edit", *common, "--timestamp", "edit", "--max-num-iterations", str(args.edit_iterations),
          "--pipeline.stage1-config", str(fit_config), "--pipeline.steps-per-render", "20", *edit_flags], log,
         training_progress("*/gridinr-edit/edit/train_log.csv", runs, args.edit_iterations))
@@ -169,20 +188,22 @@ def main(argv: list[str] | None = None) -> None:
     fit_results = json.loads((out / "fit_eval.json").read_text())["results"]
     edit_results = json.loads((out / "edit_eval.json").read_text())["results"]
     summary = {"stage1": fit_results, "stage2": edit_results, "clip_term": use_clip,
+               "targets": json.loads(targets.read_text())["targets"],
                "fit_run": str(fit_config.parent), "edit_run": str(edit_config.parent)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [("", "volume PSNR", "image PSNR", "SSIM", "LPIPS", "CLIP cosine", "ms/frame"),
+    rows = [("", "volume PSNR", "image PSNR", "SSIM", "LPIPS", "CLIP cosine", "colour distance", "ms/frame"),
             ("stage 1 (fit)", _number(fit_results, "volume_psnr", ".2f"), _number(fit_results, "psnr", ".2f"),
-             _number(fit_results, "ssim", ".4f"), _number(fit_results, "lpips", ".4f"), "",
+             _number(fit_results, "ssim", ".4f"), _number(fit_results, "lpips", ".4f"), "", "",
              _number(fit_results, "ms_per_frame", ".0f")),
             ("stage 2 (edit)", "", _number(edit_results, "psnr", ".2f"), _number(edit_results, "ssim", ".4f"),
              _number(edit_results, "lpips", ".4f"), _number(edit_results, "clip_cosine", ".4f"),
-             _number(edit_results, "ms_per_frame", ".0f"))]
+             _number(edit_results, "target1_color_distance", ".4f"), _number(edit_results, "ms_per_frame", ".0f"))]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     print()
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print("(stage 2 PSNR/SSIM/LPIPS compare the edit with the unedited references: how far the look moved)")
+    print("(stage 2 PSNR/SSIM/LPIPS compare the edit with the unedited references: how far the look moved; colour "
+          "distance: the helix's rendered colours to the palette's, sliced W2)")
     print(f"Look at: {out}/orbit.mp4, {edit_config.parent}/report/*.png, {edit_config.parent}/renders/, {out}/summary.json")
 
 

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--name", help="preset name (default: volume and variable)")
     tf.add_argument("--units", choices=("data", "normalized"), default="data", help="range of the preset's values")
     tf.add_argument("--samples", type=int,
-                    help="gridinr-edit runs: nodes at which to sample the transfer MLP (default: its own lookup table)")
+                    help="gridinr-edit runs: nodes at which to sample the edited transfer function (default: its own "
+                         "lookup table)")
 
     model = commands.add_parser("model", help="the field alone (table + MLP + geometry + metadata) as safetensors")
     _add_overwrite(model)
@@ -158,6 +159,10 @@ def run_transfer_function(args: argparse.Namespace) -> None:
     value_range = f"[{meta.value_min:.7g}, {meta.value_max:.7g}]" if args.units == "data" else "[0, 1]"
     print(f"wrote {result.path}: ParaView preset {result.preset['Name']!r} from the run's {result.kind}, "
           f"{result.nodes} colour nodes, range {value_range} ({args.units} units)")
+    for target in result.preset.get("gridinr_targets", []):
+        low, high = target["range"]
+        print(f"  target {target['target']} ({target['kind']}): {target['label']} on [{low:.6g}, {high:.6g}] "
+              f"({args.units} units){'' if target['edits_opacity'] else ', colour only'}")
     print(f"in ParaView: Import Presets, then set the volume's Scalar Opacity Unit Distance to "
           f"{result.unit_distance_physical:.6g} (one voxel of the longest axis, physical units)")
 

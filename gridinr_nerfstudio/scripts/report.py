@@ -11,7 +11,7 @@ Outputs, in ``RUN_DIR/report/`` (gridinr-report's own folder in the run: a new r
 the previous one, each renamed into place when complete):
 
 - ``metrics.png``: a few panels: the training curves per step from ``RUN_DIR/train_log.csv`` (each loss term,
-  PSNR, the CLIP term; see ``eval/train_log.py``), and the last evaluation's metrics as bars with their spread
+  each edit target's loss in a panel of its own, PSNR, the CLIP term; see ``eval/train_log.py``), and the last evaluation's metrics as bars with their spread
   (``<metric>_std``) as error bars, PSNR apart from the [0, 1] similarities; unavailable metrics are named.
 - ``side_by_side.png``: reference (top row) vs edit (bottom row) for up to ``MAX_PAIRS`` views; skipped with
   a note when no pairs are found.
@@ -87,10 +87,13 @@ def _short(name: str) -> str:
 
 def _train_panels(train_log: dict[str, tuple[list[int], list[float]]]) -> dict[str, list[str]]:
     """Panel title -> names of the training-log series drawn in it (empty panels are left out)."""
-    losses = [name for name in train_log if name == "Train Loss" or name.startswith("Train Loss Dict/")]
-    clip = [name for name in train_log if "clip" in name.lower() and name not in losses]
+    targets = [name for name in train_log if name.startswith("Train Loss Dict/target")]
+    losses = [name for name in train_log
+              if (name == "Train Loss" or name.startswith("Train Loss Dict/")) and name not in targets]
+    clip = [name for name in train_log if "clip" in name.lower() and name not in losses + targets]
     psnr = [name for name in train_log if "psnr" in name.lower() and name not in clip]
-    panels = {"training loss (each term)": losses, "PSNR (dB) over steps": psnr, "CLIP over steps": clip}
+    panels = {"training loss (each term)": losses, "each target's loss (edits by part)": targets,
+              "PSNR (dB) over steps": psnr, "CLIP over steps": clip}
     return {title: names for title, names in panels.items() if names}
 
 
@@ -134,7 +137,7 @@ def plot_metrics(metric_names: list[str], rows: list[dict[str, str]], out_path: 
                 _eval_points(axis, [name for name in metric_names if "psnr" in name and not name.endswith("_std")],
                              rows)
             axis.set_xlabel("step")
-            if title.startswith("training loss") and all(v > 0 for n in names for v in train_log[n][1]):
+            if title.startswith(("training loss", "each target")) and all(v > 0 for n in names for v in train_log[n][1]):
                 axis.set_yscale("log")
             axis.legend(fontsize="small")
         elif title in eval_panels:

@@ -266,6 +266,22 @@ OPTION_TABLE: Dict[str, Entry] = {
     "pipeline.model.num_layers": _row(AtLeast(1)),
     "pipeline.model.target_image": _row(CheckedBy("the CLIP check (an image file)")),
     "pipeline.model.lam_clip": _row(AtLeast(0)),
+    "pipeline.model.lam_color": _row(AtLeast(0)),
+    # Stage 2 targets by part (stages/edit/targets.py).
+    "pipeline.model.targets": _row(Optional_(CheckedBy("the targets check (a JSON file of targets: ranges, prompts, "
+                                                       "images, colours, palettes)"))),
+    "pipeline.model.target_colors": _row(CheckedBy("the targets check (matplotlib colours or [r, g, b])")),
+    "pipeline.model.target_palette": _row(Optional_(CheckedBy("the targets check (an image file or a shipped "
+                                                              "palette name)"))),
+    "pipeline.model.target_range": _row(CheckedBy("the targets check (low < high, inside the data's range)")),
+    "pipeline.model.target_units": _row(Choice()),
+    "pipeline.model.target_softness": _row(AtLeast(0)),
+    "pipeline.model.negative_prompts": _row(Free("texts (a target with negative prompts needs CLIP weights)")),
+    "pipeline.model.negative_weight": _row(AtLeast(0)),
+    "pipeline.model.max_targets": _row(AtLeast(1)),
+    "pipeline.model.part_hidden_dim": _row(AtLeast(1)),
+    "pipeline.model.part_num_layers": _row(AtLeast(0, " (0: a linear residual)")),
+    "pipeline.model.color_directions": _row(AtLeast(1)),
     "pipeline.model.lam_pix": _row(AtLeast(0)),
     "pipeline.model.source_prompt": _row(Free("text")),
     "pipeline.model.clip_model": _row(CheckedBy("the CLIP check (an open_clip model whose weights load)")),

@@ -31,8 +31,9 @@ ADOPTED_BY_EDIT = ("pipeline.datamanager.dataparser.", "pipeline.model.field.")
 """Options gridinr-edit takes from its stage-1 run (the volume, its views and reference look; the field)."""
 
 
-def check_dataparser(dataparser, data: Optional[Path] = None) -> None:
-    """The volume: every selected time step opens, and the selection renders and is not constant."""
+def check_dataparser(dataparser, data: Optional[Path] = None):
+    """The volume: every selected time step opens, and the selection renders and is not constant; returns the
+    first selected step's volume (its value range places the edit's targets)."""
     source = data if data is not None else dataparser.data
     options = dict(variable=dataparser.variable, nan_policy=dataparser.nan_policy, replace_value=dataparser.replace_value)
     if dataparser.timesteps is None:
@@ -44,6 +45,7 @@ def check_dataparser(dataparser, data: Optional[Path] = None) -> None:
         volumes = [open_data(source, timestep=step, **options) for step in steps]  # a missing step file says so
         share_value_range(volumes)  # a sequence is constant only if all its steps are, together
     check_trainable(volumes[0])
+    return volumes[0]
 
 
 def machine_memory_bytes(device_type: str) -> Optional[int]:
@@ -119,7 +121,7 @@ def check_edit(config) -> None:
     if pipeline.model.stage1_checkpoint is not None:  # resumed: the field copied into the run, the run's volume
         path = Path(pipeline.model.stage1_checkpoint)
         check_stage1_field(path if path.is_absolute() else config.get_base_dir() / path)
-        check_dataparser(pipeline.datamanager.dataparser, pipeline.datamanager.data)
+        volume = check_dataparser(pipeline.datamanager.dataparser, pipeline.datamanager.data)
     else:
         if pipeline.stage1_config is None:
             raise InputError(f"{config.method_name} needs --pipeline.stage1-config PATH/config.yml of a gridinr-fit run")
@@ -135,15 +137,30 @@ def check_edit(config) -> None:
         except FileNotFoundError as error:
             raise InputError(f"{error} in the stage-1 run") from None
         check_stage1_field(newest)
-        check_dataparser(stage1.pipeline.datamanager.dataparser, stage1.pipeline.datamanager.data)
-    model = pipeline.model
-    if model.lam_clip == 0 and model.lam_pix == 0:
-        raise InputError("--pipeline.model.lam-clip and --pipeline.model.lam-pix are both 0: nothing to train")
-    if model.lam_clip > 0:
+        volume = check_dataparser(stage1.pipeline.datamanager.dataparser, stage1.pipeline.datamanager.data)
+    check_edit_targets(pipeline.model, volume)
+
+
+def check_edit_targets(model, volume) -> None:
+    """The targets file (or the command-line target): ranges, colours, readable palettes and images; CLIP weights
+    only when a target needs CLIP (a run of colour targets needs none and says nothing about them)."""
+    from gridinr_nerfstudio.stages.edit.clip_loss import read_rgb_image
+    from gridinr_nerfstudio.stages.edit.targets import model_targets, needs_clip
+
+    targets = model_targets(model, volume.value_min, volume.value_max)  # TargetError: one line
+    if not targets and model.lam_pix == 0:
+        raise InputError("--pipeline.model.lam-clip and --pipeline.model.lam-pix are both 0 and no colour target: "
+                         "nothing to train")
+    for target in targets:
+        for file in (target.image, target.palette):
+            if file is not None:
+                read_rgb_image(file)  # ValueError naming the file
+    if needs_clip(targets):
         from gridinr_nerfstudio.stages.edit.clip_loss import check_clip_weights
 
-        if model.target_image is not None and not Path(model.target_image).is_file():
-            raise InputError(f"{model.target_image}: target image not found (--pipeline.model.target-image)")
+        if model.lam_clip <= 0:
+            where = model.targets if model.targets is not None else "--pipeline.model.negative-prompts"
+            raise InputError(f"{where}: prompt, image or negative-prompt targets need --pipeline.model.lam-clip > 0")
         check_clip_weights(model.clip_model, model.clip_weights or model.clip_pretrained)
 
 

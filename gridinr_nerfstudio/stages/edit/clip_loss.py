@@ -13,6 +13,10 @@ Two losses (``ClipLoss``):
   It changes only what the target asks for and keeps the rest of the look, and is less prone to adversarial
   textures than the global loss. Render and reference get the same random crop so their difference is
   due to the edit alone.
+
+Negative prompts ("grey", "noisy") add ``negative_weight`` x the mean cosine of the renders to each negative
+text, in either mode: the renders are pushed away from them. Several targets (edits by parts) batch the crops of
+all their renders through CLIP at once: ``crops`` and ``loss_from_embeddings`` are the two halves of ``forward``.
 """
 
 from __future__ import annotations
@@ -286,10 +290,14 @@ class ClipLoss(nn.Module):
         crops_per_image: int = 1,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         augment: bool = True,
+        negative_texts: tuple[str, ...] | list[str] = (),
+        negative_weight: float = 0.5,
     ) -> None:
         super().__init__()
-        if (target_text is None) == (target_image is None):
-            raise ValueError("ClipLoss needs exactly one of target_text or target_image")
+        if target_text is not None and target_image is not None:
+            raise ValueError("ClipLoss takes one of target_text or target_image, not both")
+        if target_text is None and target_image is None and (directional or not any(negative_texts)):
+            raise ValueError("ClipLoss needs target_text or target_image (or, global, negative texts alone)")
         if crops_per_image < 1:
             raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
         self.clip = clip
@@ -297,13 +305,16 @@ class ClipLoss(nn.Module):
         self.crops_per_image = crops_per_image
         self.crop_scale = crop_scale
         self.augment = augment
-        self.target_embedding: Tensor
+        self.negative_weight = negative_weight
+        self.target_embedding: Tensor | None = None  # None: negative prompts alone (a colour target's)
         self.source_embedding: Tensor | None = None
+        self.negative_embeddings: Tensor | None = None
         if target_text is not None:
             self.set_target_text(target_text)
-        else:
-            self.set_target_image(target_image)  # type: ignore[arg-type]
+        elif target_image is not None:
+            self.set_target_image(target_image)
         self.set_source_text(source_text)
+        self.set_negative_texts(negative_texts)
 
     def set_target_text(self, prompt: str) -> None:
         """Re-encode the target from a text prompt (e.g. from the viewer) without rebuilding anything."""
@@ -316,6 +327,11 @@ class ClipLoss(nn.Module):
     def set_source_text(self, prompt: str | None) -> None:
         """Description of the unedited volume for the directional loss; None uses the reference renderings."""
         self.source_embedding = None if prompt is None else self.clip.encode_text(prompt)[0]
+
+    def set_negative_texts(self, prompts: tuple[str, ...] | list[str]) -> None:
+        """Texts the renders are pushed away from (none: no negative term)."""
+        prompts = [prompt for prompt in prompts if prompt.strip()]
+        self.negative_embeddings = self.clip.encode_text(prompts) if prompts else None
 
     def _crops(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B * crops_per_image, C, h, w) at CLIP input size; random resized crops if augment."""
@@ -330,23 +346,44 @@ class ClipLoss(nn.Module):
                 crops.append(resized_crop(image, top, left, height, width, list(self.clip.image_size), antialias=True))
         return torch.stack(crops)
 
-    def forward(self, images: Tensor, reference_images: Tensor | None = None) -> Tensor:
-        """Mean loss over images (B, H, W, 3) in [0, 1]; ``reference_images`` (same shape, the unedited
-        renderings of the same views) are required by the directional loss."""
+    def crops(self, images: Tensor, reference_images: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """CLIP-size crops (B * crops, h, w, 3) of images (B, H, W, 3) in [0, 1], and with the directional loss
+        the same crops of ``reference_images`` (detached); what ``encode_images`` takes."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected images of shape (B, H, W, 3), got {tuple(images.shape)}")
         x = images.to(self.clip.device, torch.float32).permute(0, 3, 1, 2)
         if not self.directional:
-            embeddings = self.clip.encode_images(self._crops(x).permute(0, 2, 3, 1))
-            return (1.0 - embeddings @ self.target_embedding).mean().to(images.device)
+            return self._crops(x).permute(0, 2, 3, 1), None
         if reference_images is None or reference_images.shape != images.shape:
             raise ValueError("the directional CLIP loss needs reference_images of the same shape as images")
         reference = reference_images.detach().to(self.clip.device, torch.float32).permute(0, 3, 1, 2)
-        crops = self._crops(torch.cat([x, reference], dim=1))  # same crop for render and reference
-        edit_embeddings = self.clip.encode_images(crops[:, :3].permute(0, 2, 3, 1))
-        with torch.no_grad():
-            reference_embeddings = self.clip.encode_images(crops[:, 3:].permute(0, 2, 3, 1))
-        source = reference_embeddings if self.source_embedding is None else self.source_embedding[None]
-        target_direction = F.normalize(self.target_embedding[None] - source, dim=-1)
-        image_direction = F.normalize(edit_embeddings - reference_embeddings, dim=-1)
-        return (1.0 - (image_direction * target_direction).sum(-1)).mean().to(images.device)
+        crops = self._crops(torch.cat([x, reference], dim=1)).permute(0, 2, 3, 1)  # same crop for both
+        return crops[..., :3], crops[..., 3:]
+
+    def loss_from_embeddings(self, edit_embeddings: Tensor, reference_embeddings: Tensor | None = None) -> Tensor:
+        """The loss of unit embeddings (N, D) of the crops (and, directional, of their reference crops)."""
+        if self.target_embedding is None:
+            loss = edit_embeddings.new_zeros(())
+        elif not self.directional:
+            loss = (1.0 - edit_embeddings @ self.target_embedding).mean()
+        else:
+            if reference_embeddings is None:
+                raise ValueError("the directional CLIP loss needs the reference crops' embeddings")
+            source = reference_embeddings if self.source_embedding is None else self.source_embedding[None]
+            target_direction = F.normalize(self.target_embedding[None] - source, dim=-1)
+            image_direction = F.normalize(edit_embeddings - reference_embeddings, dim=-1)
+            loss = (1.0 - (image_direction * target_direction).sum(-1)).mean()
+        if self.negative_embeddings is not None and self.negative_weight > 0:
+            loss = loss + self.negative_weight * (edit_embeddings @ self.negative_embeddings.t()).mean()
+        return loss
+
+    def forward(self, images: Tensor, reference_images: Tensor | None = None) -> Tensor:
+        """Mean loss over images (B, H, W, 3) in [0, 1]; ``reference_images`` (same shape, the unedited
+        renderings of the same views) are required by the directional loss."""
+        edit_crops, reference_crops = self.crops(images, reference_images)
+        edit_embeddings = self.clip.encode_images(edit_crops)
+        reference_embeddings = None
+        if reference_crops is not None:
+            with torch.no_grad():
+                reference_embeddings = self.clip.encode_images(reference_crops)
+        return self.loss_from_embeddings(edit_embeddings, reference_embeddings).to(images.device)

@@ -1,4 +1,4 @@
-"""Stage 2 pipeline: load the stage-1 run, train the transfer MLP with CLIP + pixel losses, evaluate.
+"""Stage 2 pipeline: load the stage-1 run, train the transfer function with its targets' losses, evaluate.
 
 `--pipeline.stage1-config outputs/.../gridinr-fit/<timestamp>/config.yml` is all stage 2 needs: the volume,
 cameras and reference render settings, the field sizes and its checkpoint all come from that run.
@@ -18,16 +18,10 @@ from gridinr_nerfstudio import distributed
 from gridinr_nerfstudio.eval.eval_log import save_render_grid
 from gridinr_nerfstudio.runs import load_run_config, read_newest_checkpoint, save_checkpoint_atomically
 from gridinr_nerfstudio.stages.base_pipeline import StagePipeline, StagePipelineConfig
-from gridinr_nerfstudio.stages.edit.clip_loss import (
-    ClipLoss,
-    ClipWeightsError,
-    ClipWeightsUnavailable,
-    LoadedClip,
-    clip_cosine,
-    load_clip,
-)
+from gridinr_nerfstudio.stages.edit.clip_loss import ClipWeightsError, ClipWeightsUnavailable, LoadedClip, load_clip
 from gridinr_nerfstudio.stages.edit.datamanager import EditDataManagerConfig
 from gridinr_nerfstudio.stages.edit.model import EditModelConfig
+from gridinr_nerfstudio.stages.edit.targets import TargetError
 
 
 @dataclass
@@ -97,18 +91,6 @@ def adopt_stage1_run(config: EditPipelineConfig):
     return stage1
 
 
-def make_clip_loss(clip: LoadedClip, config: EditModelConfig) -> ClipLoss:
-    """The CLIP loss the model config asks for (target, directional or global, crops), on a loaded CLIP."""
-    return ClipLoss(
-        clip,
-        target_text=None if config.target_image else config.prompt,
-        target_image=config.target_image,
-        directional=config.directional,
-        source_text=config.source_prompt,
-        crops_per_image=config.clip_crops,
-    )
-
-
 class EditPipeline(StagePipeline):
     """Trains the transfer MLP on whole rendered views."""
 
@@ -128,16 +110,26 @@ class EditPipeline(StagePipeline):
         self.clip: Optional[LoadedClip] = None
         self.clip_unavailable_reason: Optional[str] = None
         training = test_mode == "val"
-        if model.config.lam_clip > 0 or not training:
+        if training and model.targets_error is not None:
+            raise TargetError(model.targets_error)
+        model.helpers.clip_loader = self.load_clip  # a prompt target added in the viewer loads CLIP then
+        # CLIP only when a target needs it (prompts, images, negative prompts): a run of colour targets needs no
+        # CLIP weights and says nothing about them.
+        if model.needs_clip():
             try:
-                self.clip = load_clip(model.config.clip_model, model.config.clip_weights or model.config.clip_pretrained, device=device)
+                self.clip = self.load_clip()
             except (ClipWeightsUnavailable, ClipWeightsError) as error:
                 if training:
                     raise  # training with a CLIP term needs the weights: stop at once with the explanation
                 self.clip_unavailable_reason = str(error)
-        if self.clip is not None:
-            model.set_clip_loss(make_clip_loss(self.clip, model.config))
+        model.set_clip(self.clip)
         self.second_clip = self._load_second_clip() if not training else None
+
+    def load_clip(self) -> LoadedClip:
+        """The edit's CLIP model from the local cache or weights file (never downloaded)."""
+        model_config = self.model.config
+        return load_clip(model_config.clip_model, model_config.clip_weights or model_config.clip_pretrained,
+                         device=self.device)
 
     def _load_second_clip(self) -> Optional[LoadedClip]:
         """A CLIP model the edit was not trained on, for an independent score; None when unavailable."""
@@ -171,45 +163,42 @@ class EditPipeline(StagePipeline):
         self.train()
         return {}, loss_dict, metrics
 
-    def clip_target(self, clip: LoadedClip) -> torch.Tensor:
-        """Unit embedding of the edit target under `clip`."""
-        config = self.model.config
-        if config.target_image is not None:
-            return clip.encode_image_file(config.target_image)[0]
-        return clip.encode_text(config.prompt or "")[0]
-
     @torch.no_grad()
     def extra_eval_metrics(self) -> dict:
-        """CLIP cosine of the eval views to the target (also under a second CLIP model when available);
-        saves reference/edit pairs of the first eval views for `gridinr-report`.
+        """Each target on its part renders of the eval views: CLIP cosine to its prompt or image (also under a second
+        CLIP model when available; `clip_cosine`: their mean) and colour distance; saves reference/edit pairs of the
+        first eval views for `gridinr-report`.
 
-        Several ranks: each renders and scores its share of the views; rank 0 saves the pairs."""
-        metrics: dict = {}
-        scorers: List[Tuple[str, Optional[LoadedClip]]] = [("clip_cosine", self.clip)]
-        if self.model.config.second_clip_model is not None:
-            scorers.append((f"clip_cosine_{self.model.config.second_clip_model}", self.second_clip))
-        if not any(clip is not None for _, clip in scorers):  # only the pairs: four views, rendered once
-            if distributed.is_main():
-                self.save_before_after(self.render_eval_views(4))
-            for name, _ in scorers:
-                self.metric_unavailable(name, self.clip_unavailable_reason or "CLIP weights not available")
-            return metrics
-        views = list(distributed.share(len(self.datamanager.eval_dataset.cameras)))
-        images = self.render_views_at(views)
-        scores = {name: clip_cosine(clip, images, self.clip_target(clip)).cpu().tolist() if views else []
-                  for name, clip in scorers if clip is not None}
-        firsts = [(view, image.cpu()) for view, image in zip(views, images) if view < 4]
-        gathered = distributed.all_gather_objects((scores, firsts))
+        Several ranks: each scores its share of the views, the metrics are their means weighted by view counts;
+        rank 0 saves the pairs."""
         if distributed.is_main():
-            pairs = sorted((pair for _, firsts_of_rank in gathered for pair in firsts_of_rank), key=lambda p: p[0])
-            self.save_before_after(torch.stack([image for _, image in pairs]))
-        for name, clip in scorers:
-            if clip is None:  # left out (writers need numbers); said once
-                self.metric_unavailable(name, self.clip_unavailable_reason or "CLIP weights not available")
+            self.save_before_after(self.render_eval_views(4))
+        model = self.model
+        clips: List[Tuple[str, Optional[LoadedClip]]] = []
+        if model.needs_clip() and self.clip is None and self.clip_unavailable_reason is None:
+            try:  # the checkpoint brought targets the config did not name (added in the viewer)
+                self.clip = self.load_clip()
+                model.set_clip(self.clip)
+            except (ClipWeightsUnavailable, ClipWeightsError) as error:
+                self.clip_unavailable_reason = str(error)
+        if model.needs_clip():
+            if self.clip is None:  # left out (writers need numbers); said once
+                self.metric_unavailable("clip_cosine", self.clip_unavailable_reason or "CLIP weights not available")
             else:
-                values = [value for part in gathered for value in part[0][name]]
-                metrics[name] = float(sum(values) / len(values))
-        return metrics
+                clips.append(("", self.clip))
+            if model.config.second_clip_model is not None:
+                name = f"clip_cosine_{model.config.second_clip_model}"
+                if self.second_clip is None:
+                    self.metric_unavailable(name, "its CLIP weights are not available")
+                else:
+                    clips.append((f"_{model.config.second_clip_model}", self.second_clip))
+        cameras = self.datamanager.eval_dataset.cameras
+        views = list(distributed.share(len(cameras)))
+        metrics = model.target_eval_metrics(cameras[torch.tensor(views)].to(self.device), clips) if views else {}
+        gathered = [(part, count) for part, count in distributed.all_gather_objects((metrics, len(views))) if count]
+        names = {name for part, _ in gathered for name in part}
+        return {name: sum(part[name] * count for part, count in gathered if name in part)
+                / sum(count for part, count in gathered if name in part) for name in sorted(names)}
 
     def save_before_after(self, edits: torch.Tensor) -> None:
         """renders/reference_<view>.png and renders/edit_<view>.png (the layout gridinr-report reads)."""
