@@ -178,6 +178,28 @@ def test_ns_train_edit_and_ns_eval(tiny_fit_run, tmp_path):
     assert ",edit," in (run_dir / "metrics.csv").read_text()
 
 
+def test_eval_without_the_clip_weights_reports_clip_cosine_unavailable_with_the_reason(tiny_fit_run, tiny_clip,
+                                                                                       tmp_path, capsys):
+    """A run trained towards a prompt, evaluated where its CLIP weights are gone: the metrics leave clip_cosine out
+    (writers need numbers) and say once why, naming the weights file; the other metrics are still reported."""
+    from tiny_runs import train_tiny_edit
+
+    from gridinr_nerfstudio.runs import load_run_pipeline
+
+    name, weights = tiny_clip
+    moved = tmp_path / "weights.bin"
+    moved.write_bytes(weights.read_bytes())
+    edit_config = train_tiny_edit(tmp_path / "run", tiny_fit_run, iterations=2, clip_model=name, clip_weights=moved,
+                                  lam_clip=1.0)
+    moved.unlink()
+    capsys.readouterr()
+    _, pipeline, _, _ = load_run_pipeline(edit_config, test_mode="test")
+    metrics = pipeline.get_average_eval_image_metrics()
+    output = " ".join(capsys.readouterr().out.split())
+    assert "clip_cosine" not in metrics and math.isfinite(metrics["psnr"])
+    assert output.count("clip_cosine is not reported") == 1 and str(moved) in output
+
+
 @pytest.fixture(scope="module")
 def c60_fit_run(shared_data, tmp_path_factory) -> Path:
     """A short stage-1 fit of c60 with the 'C60 Glow' preset, small views (the test budget)."""

@@ -18,7 +18,7 @@ from gridinr_nerfstudio.rendering.fused_march import GridNormals, GridSamples
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import RenderStats, render_rays
 from gridinr_nerfstudio.transfer.transfer_function import TransferFunction
-from gridinr_nerfstudio.transfer.transfer_mlp import TransferMLP, TransferTable
+from gridinr_nerfstudio.transfer.transfer_mlp import TransferTable
 
 pytestmark = pytest.mark.skipif(not fused_march.kernel_available(), reason="fused ray-marching extension not built")
 
@@ -161,8 +161,7 @@ def table_and_color(size: int = 24, seed: int = 0):
     table = torch.rand(size, 4, dtype=torch.float64, generator=generator)
     table[:, 3] *= 6.0
     table[: size // 4, 3] = 0.0  # transparent entries still get a gradient through sigma
-    mlp = TransferMLP(hidden_dim=8, num_layers=1, lut_size=size)
-    return table, lambda t: TransferTable(mlp, t, invisible_sigma=1e-3)
+    return table, lambda t: TransferTable(t, invisible_sigma=1e-3)
 
 
 @pytest.mark.parametrize("options", [

@@ -264,7 +264,7 @@ def run_edit_with(tmp_path: Path, stage1_config: Path, options: dict, method=edi
     ({"data": Path("outputs/x/gridinr-fit/y/config.yml")}, "(did you mean --pipeline.stage1-config?)"),
     ({"pipeline.datamanager.dataparser.image_size": 64}, "--pipeline.datamanager.dataparser.image-size 64: gridinr-edit takes it from its stage-1 run"),
     ({"pipeline.model.field.num_levels": 4}, "--pipeline.model.field.num-levels 4: gridinr-edit takes it from its stage-1 run"),
-    ({"pipeline.model.lam_pix": 0.0}, "lam-clip and --pipeline.model.lam-pix are both 0: nothing to train"),
+    ({"pipeline.model.lam_pix": 0.0}, "lam-clip and --pipeline.model.lam-pix are both 0 and no colour target: nothing to train"),
     ({"pipeline.model.hidden_dim": 0}, "--pipeline.model.hidden-dim must be at least 1, got 0"),
     ({"pipeline.steps_per_render": 0}, "--pipeline.steps-per-render must be at least 1"),
 ])
