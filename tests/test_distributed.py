@@ -157,8 +157,11 @@ def trainer_for(config, rank: int = 0, world: int = 1):
     trainer.optimizers = trainer.setup_optimizers()
     trainer.callbacks = trainer.pipeline.get_training_callbacks(TrainingCallbackAttributes(
         optimizers=trainer.optimizers, grad_scaler=trainer.grad_scaler, pipeline=trainer.pipeline, trainer=trainer))
-    if hasattr(trainer.pipeline.model, "clip_loss") and trainer.pipeline.model.clip_loss is not None:
-        trainer.pipeline.model.clip_loss.augment = False  # crops that do not depend on which process draws them
+    if config.method_name != "gridinr-fit":  # crops that do not depend on which process draws them
+        clip_losses = [item.clip_loss for item in trainer.pipeline.model.scored.values() if item.clip_loss is not None]
+        assert clip_losses, "the edit has a CLIP target"
+        for clip_loss in clip_losses:
+            clip_loss.augment = False
     return trainer
 
 
