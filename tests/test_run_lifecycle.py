@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from nerfstudio.engine.trainer import Trainer
 from tiny_models import register_tiny_clip, save_tiny_clip_weights
-from tiny_runs import run_ns_train, shrink_dataparser, train_tiny_fit
+from tiny_runs import killed_at_step, run_ns_train, shrink_dataparser, train_tiny_fit
 
 from gridinr_nerfstudio.gridinr_config import gridinr_edit, gridinr_edit_fast, gridinr_fit
 
@@ -109,22 +108,9 @@ def test_the_final_evaluation_and_checkpoint_happen_once(tmp_path, monkeypatch, 
 
 # 2. Resume in place.
 
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing catches it."""
-
-
 def train_killed(tmp_path: Path, monkeypatch, iterations: int, kill_at: int, configure, data: Path) -> Path:
-    train_iteration = Trainer.train_iteration
-
-    def dies_at_kill_step(self, step):
-        if step == kill_at:
-            raise Killed()
-        return train_iteration(self, step)
-
-    monkeypatch.setattr(Trainer, "train_iteration", dies_at_kill_step)
-    with pytest.raises(Killed):
+    with killed_at_step(monkeypatch, kill_at):
         train_tiny_fit(tmp_path, data, iterations=iterations, configure=configure)
-    monkeypatch.setattr(Trainer, "train_iteration", train_iteration)
     return only_run(tmp_path, "gridinr-fit")
 
 

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from nerfstudio.engine.trainer import Trainer
-from tiny_runs import train_tiny_edit, train_tiny_fit
+from tiny_runs import Killed, killed_at_step, train_tiny_edit, train_tiny_fit
 
 from gridinr_nerfstudio.runs import load_run_pipeline
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing catches it (nerfstudio's launcher catches only KeyboardInterrupt)."""
 
 
 def checkpoints(run_config: Path) -> list[Path]:
@@ -136,17 +131,8 @@ def kill_and_resume(train, tmp_path: Path, monkeypatch, iterations: int, kill_at
         config.steps_per_eval_all_images = config.steps_per_eval_image = config.steps_per_eval_batch = 10**6
 
     whole = train(tmp_path / "whole", iterations, plain)
-    train_iteration = Trainer.train_iteration
-
-    def dies_at_kill_step(self, step):
-        if step == kill_at:
-            raise Killed()
-        return train_iteration(self, step)
-
-    monkeypatch.setattr(Trainer, "train_iteration", dies_at_kill_step)
-    with pytest.raises(Killed):
+    with killed_at_step(monkeypatch, kill_at):
         train(tmp_path / "killed", iterations, plain)
-    monkeypatch.setattr(Trainer, "train_iteration", train_iteration)
     (killed_models,) = (tmp_path / "killed").rglob("nerfstudio_models")
     saved = kill_at - 1 - (kill_at - 1) % save_every
     assert [path.name for path in killed_models.iterdir()] == [f"step-{saved:09d}.ckpt"]

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
+import pytest
 from nerfstudio.engine.callbacks import TrainingCallbackAttributes
 from nerfstudio.scripts.train import main as ns_train_main
 
 from gridinr_nerfstudio.data.default_volume import BUILTIN_DEFAULT
 from gridinr_nerfstudio.gridinr_config import edit_trainer_config, fit_trainer_config
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it (nerfstudio's launcher catches only KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def killed_at_step(monkeypatch: pytest.MonkeyPatch, kill_at: int) -> Iterator[None]:
+    """Inside the block nerfstudio's Trainer dies (`Killed`) on reaching step `kill_at`; the block must die so."""
+    from nerfstudio.engine.trainer import Trainer
+
+    train_iteration = Trainer.train_iteration
+
+    def dies_at_kill_step(self, step):
+        if step == kill_at:
+            raise Killed()
+        return train_iteration(self, step)
+
+    monkeypatch.setattr(Trainer, "train_iteration", dies_at_kill_step)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(Trainer, "train_iteration", train_iteration)
 
 
 def run_ns_train(config) -> None:
