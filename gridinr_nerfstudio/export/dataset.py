@@ -32,6 +32,7 @@ from gridinr_nerfstudio.data.camera_distributions import CameraSet
 from gridinr_nerfstudio.data.timesteps import step_times
 from gridinr_nerfstudio.data.volume_io import Volume, scene_aabb, voxel_size_world
 from gridinr_nerfstudio.rendering.appearance import appearance_transfer_function
+from gridinr_nerfstudio.rendering.fused_march import GridNormals, GridSamples
 from gridinr_nerfstudio.rendering.images import camera_rays, render_image, to_uint8
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.rendering.raymarch import estimate_normals
@@ -83,6 +84,10 @@ class RunScene:
     def learned_color_fn(self):
         return self.model.color_fn()
 
+    def grid_field(self):
+        """The field cache (a grid the fused ray marcher reads), or None when the run renders its INR directly."""
+        return self.model.cached_field()
+
     def occupancy(self, color_fn) -> Optional[OccupancyGrid]:
         return self.model.occupancy(color_fn) if self.model.config.accelerate else None
 
@@ -112,6 +117,10 @@ class VolumeScene:
         if self._field is None:
             self._field = raw_voxel_field(self.volumes[self._index], self.dense_max_bytes)
         return self._field
+
+    def grid_field(self):
+        """The raw voxels as a grid (resident or memory-mapped), which the fused ray marcher reads."""
+        return self.value_fn()
 
     def occupancy(self, color_fn) -> OccupancyGrid:
         if self._grid is None:
@@ -159,15 +168,21 @@ def render_frame(scene, cameras, index: int, appearance: dict[str, Any], outputs
         color_fn = scene.learned_color_fn()
     else:
         color_fn = appearance_transfer_function(appearance, scene.base, scene.voxel_size).to(scene.aabb.device)
-    values_at = scene.value_fn()
+    eps = 0.5 * scene.voxel_size
+    field = scene.grid_field()
+    if field is not None:  # the fused ray marcher on a CPU (render_rays dispatches; torch path elsewhere)
+        sample_fn, normal_fn = GridSamples(field, color_fn), GridNormals(field, eps)
+    else:
+        values_at = scene.value_fn()
+        sample_fn = lambda points: color_fn(values_at(points))  # noqa: E731
+        normal_fn = lambda points: estimate_normals(values_at, points, eps)  # noqa: E731
     kwargs: dict[str, Any] = {
         "num_samples": num_samples,
         "background": torch.tensor(appearance["background"], dtype=torch.float32, device=scene.aabb.device),
         "shading": bool(appearance["shading"]),
     }
     if appearance["shading"] or outputs.normals:
-        eps = 0.5 * scene.voxel_size
-        kwargs["normal_fn"] = lambda points: estimate_normals(values_at, points, eps)
+        kwargs["normal_fn"] = normal_fn
     grid = scene.occupancy(color_fn)
     if grid is not None:
         kwargs["occupancy_grid"] = grid
@@ -175,7 +190,7 @@ def render_frame(scene, cameras, index: int, appearance: dict[str, Any], outputs
         kwargs["early_stop_eps"] = 0.0
     origins, directions = camera_rays(cameras, index, scene.aabb.device)
     with torch.no_grad():
-        out = render_image(origins, directions, lambda points: color_fn(values_at(points)), scene.aabb,
+        out = render_image(origins, directions, sample_fn, scene.aabb,
                            chunk_rays=scene.chunk_rays, **kwargs)
     viewing_axis = -cameras.camera_to_worlds[index, :, 2].to(directions)
     cosine = (directions * viewing_axis).sum(dim=-1)

@@ -100,17 +100,26 @@ def composite_weights(
     return weights, transmittance_out
 
 
+FLAT_DIFFERENCE_ULPS = 16
+"""A central difference of normalised values (in [0, 1]) within this many machine epsilons of their dtype is
+rounding, not slope: it counts as 0 (the fused kernel applies the same rule, csrc/raymarch.cpp)."""
+
+
 def estimate_normals(value_fn: ValueFn, points: torch.Tensor, eps: float) -> torch.Tensor:
     """Unit normals (M, 3) = -gradient / |gradient| of a scalar field by central differences with step `eps`.
 
     They point from high to low values (outwards from dense structures, as nerfstudio's density normals);
-    zero where the gradient vanishes.
+    zero where the gradient vanishes. Differences within rounding (`FLAT_DIFFERENCE_ULPS`) count as 0: in a flat
+    region grid_sample's weighted sum of equal corner values is off by an ulp or two, and normalising that noise
+    gave unit normals in arbitrary directions there (lit at random when shading) where the gradient is 0.
     """
     offsets = torch.eye(3, dtype=points.dtype, device=points.device) * eps
     shifted = torch.cat([points.unsqueeze(1) + offsets, points.unsqueeze(1) - offsets], dim=1)
     values = value_fn(shifted.view(-1, 3)).view(-1, 6)
-    gradient = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
-    return -F.normalize(gradient, dim=-1, eps=1e-12)
+    difference = values[:, :3] - values[:, 3:]
+    rounding = FLAT_DIFFERENCE_ULPS * torch.finfo(difference.dtype).eps
+    difference = difference.masked_fill(difference.detach().abs() <= rounding, 0.0)
+    return -F.normalize(difference / (2.0 * eps), dim=-1, eps=1e-12)
 
 
 def shade(

@@ -6,7 +6,8 @@
 //   at given stratified offsets, empty-space skipping by min/max macrocells (a sample in a transparent cell is
 //   skipped, and the ray leaps to the first sample past that cell), trilinear lookups (DenseGridField's
 //   convention: 0 outside the box), the table (L, 4) of (r, g, b, sigma) read by linear interpolation, optional
-//   central-difference normals and Phong shading, front-to-back compositing with early termination.
+//   central-difference normals (differences within rounding count as 0, as estimate_normals) and Phong shading,
+//   front-to-back compositing with early termination.
 // Per ray it accumulates the sums of weight * (r, g, b, 1, t[, nx, ny, nz]); the Python side composites the
 // background and divides the depth, so autograd handles those.
 //
@@ -55,6 +56,7 @@ constexpr int kMaxChannels = 8;  // r, g, b, 1, t, nx, ny, nz
 constexpr int64_t kGradientGroups = 64;  // backward work items, each with its own table gradient
 // A leap over an empty macrocell stops this many bins before the cell's exit (rounding margin).
 constexpr double kLeapMargin = 1e-3;
+constexpr int kFlatDifferenceUlps = 16;  // raymarch.FLAT_DIFFERENCE_ULPS
 
 // exp(x) - 1 for the per-sample decay exp(-sigma step) - 1: a degree-9 Taylor polynomial for |x| <= 1/2 (relative
 // error below 1e-9, i.e. float rounding) and expf beyond, about twice as fast as libm's expm1f; float64 (gradient
@@ -225,6 +227,14 @@ struct Sample {
 
 template <typename voxel_t, typename scalar_t>
 struct Marcher {
+  // A central difference of normalised values within this much counts as 0, as in raymarch.estimate_normals
+  // (FLAT_DIFFERENCE_ULPS machine epsilons of the values' dtype: float64 only where the torch path's field values
+  // are, a float64 grid marched in float64; float32 otherwise).
+  using value_precision_t =
+      std::conditional_t<std::is_same_v<voxel_t, double> && std::is_same_v<scalar_t, double>, double, float>;
+  static constexpr scalar_t kFlatDifference =
+      scalar_t(kFlatDifferenceUlps) * static_cast<scalar_t>(std::numeric_limits<value_precision_t>::epsilon());
+
   const Grid<voxel_t, scalar_t>& grid;
   const Cells* cells;
   const Options<scalar_t>& opt;
@@ -264,7 +274,9 @@ struct Marcher {
           up = std::isnan(up) ? scalar_t(0) : up;
           down = std::isnan(down) ? scalar_t(0) : down;
         }
-        gradient[a] = (up - down) / (scalar_t(2) * opt.normal_eps);
+        scalar_t difference = up - down;
+        if (std::abs(difference) <= kFlatDifference) difference = scalar_t(0);  // rounding, not slope
+        gradient[a] = difference / (scalar_t(2) * opt.normal_eps);
         norm_sq += gradient[a] * gradient[a];
       }
       const scalar_t norm = std::max(std::sqrt(norm_sq), scalar_t(1e-12));
