@@ -203,3 +203,115 @@ def test_reference_renderings_resident_and_memory_mapped_take_the_fused_path(wri
         images[name] = np.stack([iio.imread(path).astype(np.int16) for path in paths])
     assert images["resident"].max() > 60  # the blobs are in view
     assert np.abs(images["resident"] - images["memmapped"]).max() <= 1  # 8-bit rounding of float32 sums
+
+
+def dataset_images(folder) -> dict[str, np.ndarray]:
+    """A dataset folder's PNGs by kind (images, depth, normals, masks), stacked over frames."""
+    import imageio.v3 as iio
+
+    return {kind: np.stack([iio.imread(path).astype(np.int64) for path in sorted((folder / kind).glob("frame_*.png"))])
+            for kind in ("images", "depth", "normals", "masks") if (folder / kind).is_dir()}
+
+
+def render_dataset_both_ways(argv, output, render_paths, monkeypatch, frames: int, frame_pixels: int):
+    """`gridinr-render dataset` with the kernel on (every frame's rays fused) and off (all on the torch path); the
+    rays are counted per frame (`render_frame`), not those of loading a run."""
+    import gridinr_nerfstudio.export.dataset as dataset
+    from gridinr_nerfstudio.scripts.render import main
+
+    render_frame, per_frame = dataset.render_frame, []
+
+    def counted_frame(*args, **kwargs):
+        render_paths.clear()
+        images = render_frame(*args, **kwargs)
+        per_frame.append((sum(render_paths.fused), sum(render_paths.torch)))
+        return images
+
+    monkeypatch.setattr(dataset, "render_frame", counted_frame)
+    sets = []
+    for kernel in ("1", "0"):
+        monkeypatch.setenv("GRIDINR_FUSED_MARCH", kernel)
+        per_frame.clear()
+        assert main(["dataset", *map(str, argv), "--output", str(output / kernel)]) == 0
+        expected = (frame_pixels, 0) if kernel == "1" else (0, frame_pixels)
+        assert per_frame == [expected] * frames, kernel
+        sets.append(dataset_images(output / kernel))
+    return sets
+
+
+def assert_same_dataset(fused: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    """The tolerance: the fused kernel stops a ray at the first sample whose transmittance is below early_stop_eps
+    (1e-4), the torch path at the end of a chunk of 32 samples, and their float32 sums differ in order; so rgb and
+    accumulation differ by < 1e-4 (0.03 of a uint8 level): one level where a value sits on a rounding edge, 1e-3
+    world units of z-depth likewise (< 1e-4 apart before rounding), normals (weighted by those weights) one level,
+    and a mask only where the accumulation is within 1e-4 of the threshold (at most a pixel or two per frame)."""
+    assert fused.keys() == reference.keys()
+    masks = fused["masks"] > 0
+    flipped = masks != (reference["masks"] > 0)
+    assert flipped.sum() <= 2 * masks.shape[0]
+    seen = masks & ~flipped
+    assert 0.05 < seen.mean() < 0.95  # the volume is in view and does not fill the frames
+    assert np.abs(fused["images"] - reference["images"]).max() <= 1
+    assert np.abs(fused["depth"] - reference["depth"])[seen].max() <= 1
+    assert np.abs(fused["normals"] - reference["normals"])[seen].max() <= 1
+
+
+def test_gridinr_render_dataset_takes_the_fused_path_with_every_look(render_paths, monkeypatch, tmp_path):
+    """Raw voxels (the built-in volume) with every shipped preset (fMRI BOLD included), colormaps, shifts, opacity
+    factors, shading on and off and backgrounds drawn per frame, depth, normals and masks: each image the torch
+    path's to the tolerance of `assert_same_dataset`."""
+    argv = ["--data", "builtin-default", "--num-images", 8, "--image-size", 24, "--cameras", "random", "--seed", 2,
+            "--presets", "all", "--colormaps", "viridis", "--opacity-ramp", "0.2:0.7:0.4", "--opacity-scale", "0.5:2",
+            "--colormap-shift", "0.05", "--shading", "random", "--background", "black", "white", "random",
+            "--depth", "--normals", "--masks"]
+    fused, reference = render_dataset_both_ways(argv, tmp_path, render_paths, monkeypatch, 8, 24 * 24)
+    assert_same_dataset(fused, reference)
+    import json
+
+    looks = json.loads((tmp_path / "1" / "transforms.json").read_text())["frames"]
+    assert len({frame["appearance"]["preset"] or frame["appearance"]["colormap"] for frame in looks}) == 5
+    assert {frame["appearance"]["shading"] for frame in looks} == {True, False}
+
+
+def test_gridinr_render_dataset_of_the_fmri_sequence_takes_the_fused_path(shared_data, render_paths, monkeypatch,
+                                                                         tmp_path):
+    """The fMRI BOLD preset on the fMRI data it was made for (int16, anisotropic, two time steps), shaded."""
+    argv = ["--data", shared_data("fmri4d"), "--timesteps", "all", "--num-images", 3, "--image-size", 20,
+            "--cameras", "orbit", "--rings", 1, "--presets", "fMRI BOLD", "--shading", "on", "--depth", "--normals",
+            "--masks"]
+    fused, reference = render_dataset_both_ways(argv, tmp_path, render_paths, monkeypatch, 6, 20 * 20)
+    assert_same_dataset(fused, reference)
+    assert np.abs(fused["images"][:3] - fused["images"][3:]).max() > 0  # the two steps differ
+
+
+def test_memory_mapped_dataset_frames_take_the_fused_path(shared_data, render_paths, tmp_path):
+    """Volumes over `dense_max_bytes` are read through the memmap in their own dtype (int16): the same frames."""
+    from gridinr_nerfstudio.data.camera_distributions import make_camera_set
+    from gridinr_nerfstudio.data.volume_io import open_volume
+    from gridinr_nerfstudio.export.dataset import DatasetOutputs, VolumeScene, plan_frames, write_dataset
+    from gridinr_nerfstudio.fields.memmap_grid import MemmapGridField
+    from gridinr_nerfstudio.rendering.appearance import AppearanceOptions, draw_appearances
+    from gridinr_nerfstudio.rendering.settings import RenderSettings
+
+    volume = open_volume(shared_data("fmri4d"))
+    cameras = make_camera_set("sphere", 3, 20, 20)
+    looks = draw_appearances(AppearanceOptions(presets=["fMRI BOLD"], shading="on"), RenderSettings(), 3,
+                             np.random.default_rng(0))
+    outputs = DatasetOutputs(depth=True, normals=True, masks=True)
+    sets = {}
+    for name, dense_max_bytes in (("resident", 2 << 30), ("memmapped", 0)):
+        scene = VolumeScene([volume], [1], RenderSettings(), "fmri", dense_max_bytes=dense_max_bytes)
+        render_paths.clear()
+        write_dataset(scene, cameras, plan_frames(cameras, [1], [1]), looks, tmp_path / name, outputs)
+        assert render_paths.fused == [20 * 20] * 3 and render_paths.torch == [], name
+        sets[name] = dataset_images(tmp_path / name)
+    assert isinstance(scene.value_fn(), MemmapGridField)
+    assert_same_dataset(sets["memmapped"], sets["resident"])  # float32 copy vs the kernel's affine map of int16
+
+
+def test_gridinr_render_dataset_of_a_run_takes_the_fused_path(tiny_fit_run, render_paths, monkeypatch, tmp_path):
+    """A fit run's field cache, shaded, with the look drawn per frame."""
+    argv = ["--load-config", tiny_fit_run, "--num-images", 3, "--image-size", 16, "--presets", "all",
+            "--shading", "on", "--depth", "--normals", "--masks"]
+    fused, reference = render_dataset_both_ways(argv, tmp_path, render_paths, monkeypatch, 3, 16 * 16)
+    assert_same_dataset(fused, reference)
