@@ -24,6 +24,7 @@ Anything repeated can use it: ``with threads.step(work=n): ...``.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -35,16 +36,47 @@ import torch
 
 _kernel_threads = 0
 """Threads of our C++ kernels as set by `set_kernel_threads` (0: torch's intra-op count)."""
+_this_thread = threading.local()
+"""`kernels`: the kernels' count inside a `torch_ops_on_one_thread` block of this Python thread."""
 
 
 def kernel_threads() -> int:
-    """How many threads our C++ kernels use: the count set by `set_kernel_threads`, else torch's intra-op count.
+    """How many threads our C++ kernels use: the count set by `set_kernel_threads`, else torch's intra-op count
+    (inside `torch_ops_on_one_thread`: the count from before the block).
 
     Kept apart from torch's count because the two degrade differently on a busy machine: our kernels share their
     work out item by item and never wait for a thread that has not started (csrc/work_sharing.h), torch's ops
     split theirs evenly between OpenMP threads and wait for all of them.
     """
+    inside = getattr(_this_thread, "kernels", 0)
+    if inside > 0:
+        return inside
     return _kernel_threads if _kernel_threads > 0 else torch.get_num_threads()
+
+
+@contextmanager
+def torch_ops_on_one_thread() -> Iterator[int]:
+    """Within the block, torch's own ops of this Python thread run on one thread and our kernels on as many as
+    before (yielded): what a render frame of the fused ray marcher uses, whatever the policy in force.
+
+    Why: around the kernel a frame runs a few dozen small torch ops (buffers, compositing) that gain nothing from a
+    second thread on an idle machine (memory-bound, microseconds each), but beside one busy process each OpenMP
+    region of them can wait a whole time slice for its descheduled team thread (measured: 60 ms per 256x256 frame,
+    README "On a busy machine"). Our kernel then runs on work_sharing.h's helpers that wait passively. torch's
+    intra-op count is per OS thread (an OpenMP setting), so a viewer thread rendering here does not change the
+    training thread's count; the count is restored when the block ends.
+    """
+    kernels = kernel_threads()
+    previous_torch, previous_inside = torch.get_num_threads(), getattr(_this_thread, "kernels", 0)
+    if previous_torch != 1:
+        torch.set_num_threads(1)
+    _this_thread.kernels = kernels
+    try:
+        yield kernels
+    finally:
+        _this_thread.kernels = previous_inside
+        if previous_torch != 1:
+            torch.set_num_threads(previous_torch)
 
 
 def set_kernel_threads(count: int) -> None:
@@ -87,6 +119,11 @@ class ThreadLadderController:
     in use by `margin` to replace it. The next round starts `period` steps later: `first_period` after a change,
     doubled each time the choice holds, at most `max_period`; at once when the median of the last steps falls
     below (1 - `drop`) of the rate the setting won with (a co-runner appeared).
+
+    It starts (`start` None) on the second setting of the ladder, not the top: beside a busy process a step on the
+    top setting (torch's ops on all threads) costs ~10x one on the others (`gridinr-bench contention`), so the
+    steps run there before the first measurement cost more than all later probes; on an idle machine the second
+    setting is the nearer to the top, and the first round (from the third step) moves up.
     """
 
     def __init__(self, size: int, start: int | None = None, probe_steps: int = 3, settle_steps: int = 1,
@@ -97,7 +134,7 @@ class ThreadLadderController:
         if probe_steps < 1 or settle_steps < 0 or first_period < 1 or max_period < first_period:
             raise ValueError("need probe_steps >= 1, settle_steps >= 0 and 1 <= first_period <= max_period")
         self.size = size
-        self.current = size - 1 if start is None else int(start)
+        self.current = min(1, size - 1) if start is None else int(start)
         if not 0 <= self.current < size:
             raise ValueError(f"start {start} is not an index of {size} settings")
         self.probe_steps, self.settle_steps = probe_steps, settle_steps

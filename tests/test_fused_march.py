@@ -3,6 +3,8 @@ and the renderer's users taking the fused path."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -287,8 +289,11 @@ def fused_image_and_gradient(kernel_threads: int, torch_threads: int = 1):
     try:
         torch.set_num_threads(torch_threads)
         thread_policy.set_kernel_threads(kernel_threads)
-        out = render_rays(origins, directions, GridSamples(field, color_of(table)), torch.stack([-HALF, HALF]),
-                          num_samples=32, occupancy_grid=grid, early_stop_eps=0.01)
+        # torch as large as the kernels' count: the frame as before frames took torch's ops to one thread, so that
+        # the kernel runs in torch's OpenMP team (work_sharing.h's other path)
+        with fused_march.torch_ops_in_parallel() if torch_threads >= kernel_threads > 1 else nullcontext():
+            out = render_rays(origins, directions, GridSamples(field, color_of(table)), torch.stack([-HALF, HALF]),
+                              num_samples=32, occupancy_grid=grid, early_stop_eps=0.01)
         grad, = torch.autograd.grad(out["rgb"].square().sum(), table)
     finally:
         thread_policy.set_kernel_threads(0)

@@ -48,11 +48,28 @@ def test_idle_machine_settles_on_all_threads():
 
 def test_busy_machine_leaves_the_stalling_setting_and_rarely_tries_it_again():
     steady = lambda step, option: BUSY[option]  # noqa: E731
-    controller = ThreadLadderController(3)  # starts at all threads, as torch does
+    controller = ThreadLadderController(3, start=2)  # starts at all threads, as torch does
     used = simulate(controller, steady, 2000)
     assert used[-1] in (0, 1)
     assert used.count(2) <= 6  # the first measured steps, then never again: kernels-on-all did not beat one thread
     assert total_time(used, steady) <= 1.03 * 2000 * min(BUSY)
+
+
+def test_the_default_start_never_runs_all_threads_on_a_busy_machine_and_reaches_them_on_an_idle_one():
+    """The default start is the middle setting: beside a busy process no step runs on the setting that stalls (the
+    steps a start at the top ran before its first measurement cost more than all probes), idle the first round moves
+    up, and either way the run is within 3% of the best setting's time, probes included."""
+    for costs, best in ((BUSY, (0, 1)), (IDLE, (2,))):
+        controller = ThreadLadderController(3)
+        assert controller.current == 1
+        steady = lambda step, option, costs=costs: costs[option]  # noqa: E731
+        used = simulate(controller, steady, 2000)
+        assert used[-1] in best and total_time(used, steady) <= 1.03 * 2000 * min(costs)
+        if costs is BUSY:
+            assert 2 not in used
+        else:
+            assert used.index(2) <= 3 + 2 * (controller.settle_steps + controller.probe_steps)
+    assert ThreadLadderController(1).current == 0 and ThreadLadderController(2).current == 1
 
 
 def test_starting_from_one_thread_on_a_busy_machine_never_tries_all_threads():

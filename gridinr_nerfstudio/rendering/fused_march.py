@@ -25,7 +25,7 @@ import importlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from gridinr_nerfstudio.fields.brick_cache import BrickFieldCache
 from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.memmap_grid import MemmapGridField
-from gridinr_nerfstudio.thread_policy import kernel_threads
+from gridinr_nerfstudio.thread_policy import kernel_threads, torch_ops_on_one_thread
 
 if TYPE_CHECKING:
     from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
@@ -64,6 +64,22 @@ def packet_rays(rays: int) -> Iterator[None]:
         yield
     finally:
         cpp.set_packet_rays(previous)
+
+
+_torch_ops_serial = True
+"""Whether frames run the torch ops around the kernel on one thread (`torch_ops_in_parallel` switches it off)."""
+
+
+@contextmanager
+def torch_ops_in_parallel() -> Iterator[None]:
+    """Within the block frames run the torch ops around the kernel on torch's thread count, and the kernel in
+    torch's OpenMP team when it is as large (benchmarks: the frame before `torch_ops_on_one_thread`)."""
+    global _torch_ops_serial
+    previous, _torch_ops_serial = _torch_ops_serial, False
+    try:
+        yield
+    finally:
+        _torch_ops_serial = previous
 
 
 class GridSamples:
@@ -156,6 +172,14 @@ def fused_applies(origins: torch.Tensor, sample_fn, normal_fn, shading: bool) ->
     return grid_source(sample_fn.field) is not None
 
 
+def frame_threads(origins: torch.Tensor, sample_fn, render_kwargs: dict):
+    """The thread setting of a whole frame (`images.render_image`): torch's ops on one thread when its chunks go
+    to the fused kernel (`torch_ops_on_one_thread`; the ops between chunks and after them too), else unchanged."""
+    fused = render_kwargs.get("fused", True) and _torch_ops_serial and fused_applies(
+        origins, sample_fn, render_kwargs.get("normal_fn"), bool(render_kwargs.get("shading", False)))
+    return torch_ops_on_one_thread() if fused else nullcontext()
+
+
 class FusedMarch(torch.autograd.Function):
     """Per-ray sums (R, C) of weight * (r, g, b, 1, t[, normal]) for a table (L, 4); differentiable w.r.t. the table.
 
@@ -224,7 +248,16 @@ def render_fused(
     shading: bool = False,
     stats: RenderStats | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`render_rays` on the fused kernel (see its docstring; call it through `render_rays`)."""
+    """`render_rays` on the fused kernel (see its docstring; call it through `render_rays`). The kernel runs on the
+    thread policy's count of kernel threads, the torch ops around it on one thread (`torch_ops_on_one_thread`: they
+    gain nothing from more, and beside a busy process each of their parallel regions can stall the frame)."""
+    with torch_ops_on_one_thread() if _torch_ops_serial else nullcontext():
+        return _render_fused(origins, directions, sample_fn, aabb, num_samples, stratified, generator, background,
+                             occupancy_grid, early_stop_eps, normal_fn, shading, stats)
+
+
+def _render_fused(origins, directions, sample_fn, aabb, num_samples, stratified, generator, background, occupancy_grid,
+                  early_stop_eps, normal_fn, shading, stats) -> dict[str, torch.Tensor]:
     dtype = origins.dtype
     table = sample_fn.color.lookup_table().to(dtype).contiguous()
     num_rays = origins.shape[0]

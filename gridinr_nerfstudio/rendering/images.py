@@ -12,6 +12,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras
 
 from gridinr_nerfstudio.rendering.field_functions import SampleFn
+from gridinr_nerfstudio.rendering.fused_march import frame_threads
 from gridinr_nerfstudio.rendering.raymarch import render_rays
 
 
@@ -34,23 +35,25 @@ def render_image(
     chunk_rays: int = 1 << 16,
     **render_kwargs,
 ) -> Dict[str, torch.Tensor]:
-    """Render rays laid out as an image (H, W, 3) and return outputs shaped (H, W, C)."""
+    """Render rays laid out as an image (H, W, 3) and return outputs shaped (H, W, C). A frame of the fused ray
+    marcher runs under `fused_march.frame_threads` (torch's ops on one thread, the kernel on the policy's count)."""
     height, width = origins.shape[:2]
     flat_origins = origins.reshape(-1, 3)
     flat_directions = directions.reshape(-1, 3)
     chunks: Dict[str, list] = {}
-    for start in range(0, flat_origins.shape[0], chunk_rays):
-        out = render_rays(
-            flat_origins[start : start + chunk_rays],
-            flat_directions[start : start + chunk_rays],
-            sample_fn,
-            aabb,
-            **render_kwargs,
-        )
-        for key, value in out.items():
-            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == flat_origins[start : start + chunk_rays].shape[0]:
-                chunks.setdefault(key, []).append(value)
-    return {key: torch.cat(values).reshape(height, width, -1) for key, values in chunks.items()}
+    with frame_threads(flat_origins, sample_fn, render_kwargs):
+        for start in range(0, flat_origins.shape[0], chunk_rays):
+            out = render_rays(
+                flat_origins[start : start + chunk_rays],
+                flat_directions[start : start + chunk_rays],
+                sample_fn,
+                aabb,
+                **render_kwargs,
+            )
+            for key, value in out.items():
+                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == flat_origins[start : start + chunk_rays].shape[0]:
+                    chunks.setdefault(key, []).append(value)
+        return {key: torch.cat(values).reshape(height, width, -1) for key, values in chunks.items()}
 
 
 def render_camera(

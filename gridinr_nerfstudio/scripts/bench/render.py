@@ -33,7 +33,9 @@ Contenders run in turn per view so that load from other processes hits all of th
 view's busy pass and killed after it): ``busy_ms_per_frame`` and ``busy_x_idle`` per row, and rows
 ``raw_accelerated_static`` and ``field_cache_static`` whose fused kernel hands each thread one packet of rays (a
 static split) instead of packets of 16 taken dynamically, the scheduling a busy machine tests (``field_bricks``'
-busy pass finds the bricks its idle pass decoded).
+busy pass finds the bricks its idle pass decoded), and rows ``raw_accelerated_parallel_ops`` and
+``field_cache_parallel_ops``: the frame as before the thread policy took frames over (``torch_ops_in_parallel``:
+torch's ops around the kernel on all threads, the kernel in torch's OpenMP team).
 ``--contenders a,b`` times only those rows (``vtk`` and the ``_static`` rows included by name).
 """
 
@@ -54,7 +56,7 @@ from gridinr_nerfstudio.fields.dense_grid import DenseGridField
 from gridinr_nerfstudio.fields.hash_grid._backend import cpp_extension_available
 from gridinr_nerfstudio.fields.hash_grid.encoding import BACKENDS
 from gridinr_nerfstudio.fields.volume_field import decode_field_cache, field_cache_dims
-from gridinr_nerfstudio.rendering.fused_march import GridSamples, kernel_available, packet_rays
+from gridinr_nerfstudio.rendering.fused_march import GridSamples, kernel_available, packet_rays, torch_ops_in_parallel
 from gridinr_nerfstudio.rendering.images import camera_rays, render_image
 from gridinr_nerfstudio.rendering.occupancy import OccupancyGrid
 from gridinr_nerfstudio.runs import load_run_pipeline
@@ -155,6 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     if busy and kernel_available() and device.type == "cpu":  # one packet per thread: a static split of the rays
         contenders["raw_accelerated_static"] = contenders["raw_accelerated"]
         contenders["field_cache_static"] = contenders["field_cache"]
+        contenders["raw_accelerated_parallel_ops"] = contenders["raw_accelerated"]
+        contenders["field_cache_parallel_ops"] = contenders["field_cache"]
     run_backend = model.field.encoding.backend
     for backend in [b.strip() for b in getattr(args, "backends", "").split(",") if b.strip()]:
         if backend not in BACKENDS:
@@ -180,6 +184,8 @@ def run(args: argparse.Namespace) -> dict:
     static_packet = -(-min(height * width, 1 << 16) // torch.get_num_threads())  # render_image's chunks
 
     def schedule(name: str):
+        if name.endswith("_parallel_ops"):
+            return torch_ops_in_parallel()
         return packet_rays(static_packet) if name.endswith("_static") else contextlib.nullcontext()
 
     loads = [("idle", 0)] + ([("busy", busy)] if busy else [])
@@ -312,4 +318,5 @@ def print_table(results: dict) -> None:
               f"({results['field_bricks']['decoded_points'] / 1e6:.2f} M points)")
     if busy and "static_packet_rays" in config:
         print(f"_static rows: one packet of {config['static_packet_rays']} rays per thread (a static split); the "
-              f"others take packets of 16 rays dynamically")
+              f"others take packets of 16 rays dynamically; _parallel_ops rows: torch's ops around the kernel on all "
+              f"threads and the kernel in their OpenMP team (frames before the thread policy took them over)")
