@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"volume {args.data or 'builtin-default'}; {args.seconds:g} s of steps per cell, {args.rounds} round(s); "
           f"{cores} threads = all; prefetch {args.prefetch}; extra environment {args.env or 'none'}", flush=True)
     rows: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
     for label, busy, memory in loads_of(args):
         samples: dict[str, list[dict]] = {policy: [] for policy in policies}
         with co_runners(busy, memory, args.data, env):
@@ -171,10 +172,27 @@ def run(args: argparse.Namespace) -> dict:
         for policy, cells in samples.items():
             best = sorted(cells, key=lambda c: c["points_per_s"])[len(cells) // 2]  # the median cell
             rows[label][policy] = {**best, "points_per_s_all": [c["points_per_s"] for c in cells]}
-        print_row(label, rows[label], policies, args.phases)
-    return {"rows": rows, "config": {"data": str(args.data or "builtin-default"), "seconds": args.seconds,
-                                     "rounds": args.rounds, "threads_all": cores, "env": args.env,
-                                     "policies": policies, "prefetch": args.prefetch}}
+        paired[label] = paired_ratios(samples) if "adaptive" in samples else {}
+        print_row(label, rows[label], policies, args.phases, paired[label])
+    return {"rows": rows, "adaptive_per_round": paired,
+            "config": {"data": str(args.data or "builtin-default"), "seconds": args.seconds, "rounds": args.rounds,
+                       "threads_all": cores, "env": args.env, "policies": policies, "prefetch": args.prefetch}}
+
+
+def paired_ratios(samples: dict[str, list[dict]]) -> dict[str, dict]:
+    """Adaptive's points/s over each other policy's in the same round, and their median over the rounds.
+
+    Why: the speed of one setting drifts by up to 15% from process to process on a shared machine (which core the
+    co-runner shares, slow phases lasting seconds); cells of one round run back to back, so their ratio cancels
+    much of that drift, and the median of the per-round ratios is the figure to compare with 1.
+    """
+    ratios = {}
+    for policy, cells in samples.items():
+        if policy == "adaptive":
+            continue
+        per_round = [a["points_per_s"] / c["points_per_s"] for a, c in zip(samples["adaptive"], cells)]
+        ratios[policy] = {"median": statistics.median(per_round), "per_round": per_round}
+    return ratios
 
 
 def policy_label(policy: str) -> str:
@@ -184,7 +202,7 @@ def policy_label(policy: str) -> str:
         policy, f"torch:kernels {policy}")
 
 
-def print_row(label: str, row: dict, policies: list[str], phases: bool) -> None:
+def print_row(label: str, row: dict, policies: list[str], phases: bool, paired: dict | None = None) -> None:
     """One load: M points/s per policy and the adaptive default against the better fixed count."""
     cells = "".join(f"{policy_label(p)} {row[p]['points_per_s'] / 1e6:6.3f}   " for p in policies)
     line = f"{label:<18} M points/s: {cells}"
@@ -193,6 +211,9 @@ def print_row(label: str, row: dict, policies: list[str], phases: bool) -> None:
         steps = row["adaptive"]["threads"]["steps_at"]
         line += (f"adaptive/best fixed {row['adaptive']['points_per_s'] / max(fixed):.2f} "
                  f"(steps: {', '.join(f'{setting} {n}' for setting, n in steps.items())})")
+    if paired and len(next(iter(paired.values()))["per_round"]) > 1:
+        line += "; adaptive/policy, median of the rounds' ratios: " + ", ".join(
+            f"{policy_label(p)} {paired[p]['median']:.2f}" for p in paired)
     if "adaptive" in row and "before:1" in row:
         before = {p: row[p]["points_per_s"] for p in policies if p.startswith("before:")}
         line += f"; adaptive/before 1 thread {row['adaptive']['points_per_s'] / row['before:1']['points_per_s']:.2f}"
