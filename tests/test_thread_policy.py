@@ -328,15 +328,20 @@ def test_contention_bench_measures_every_policy_and_the_code_before_in_one_run(t
 
     output = tmp_path / "contention.json"
     bench_main(["contention", "--seconds", "0.5", "--busy", "1", "--policies", "adaptive",
-                "--before", sys.executable, "--json", str(output)])
+                "--before", sys.executable, "--before-policies", "1,all,adaptive", "--json", str(output)])
     result = json.loads(output.read_text())
     assert list(result["rows"]) == ["idle", "1 busy"]
     cores = torch.get_num_threads()  # 1 under the tests' pinning: "before all" is then "before 1"
     for row in result["rows"].values():
-        assert set(row) == {"adaptive", "before:1", f"before:{cores}"}
+        assert set(row) == {"adaptive", "before:1", f"before:{cores}", "before:adaptive"}
         assert all(cell["points_per_s"] > 0 and cell["steps"] >= 1 for cell in row.values())
         assert sum(row["adaptive"]["threads"]["steps_at"].values()) == row["adaptive"]["steps"]
+    for label, row in result["rows"].items():  # adaptive over each other cell of its round
+        paired = result["adaptive_per_round"][label]
+        assert set(paired) == set(row) - {"adaptive"}
+        for policy, ratio in paired.items():
+            assert ratio["per_round"] == [row["adaptive"]["points_per_s"] / row[policy]["points_per_s"]]
     printed = capsys.readouterr().out
-    assert "1 busy" in printed and "before 1" in printed and "adaptive/before 1 thread" in printed
+    assert "1 busy" in printed and "before adaptive" in printed and "adaptive/before 1 thread" in printed
     burners = subprocess.run(["pgrep", "-P", str(os.getpid()), "yes"], capture_output=True, text=True).stdout
     assert burners.strip() == ""

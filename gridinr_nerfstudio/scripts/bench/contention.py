@@ -13,7 +13,8 @@ else running is an extra co-runner.
 ``--before PYTHON`` adds the code before this policy to the same run, as columns ``before 1`` and ``before all``:
 that interpreter (e.g. a venv of an older checkout, ``/work/main/.venv/bin/python`` before the merge) runs its own
 ``gridinr-bench fit --contenders ours --threads 1|N`` for the same seconds, beside the same co-runners: fixed
-thread counts and, there, OpenMP's static split of every kernel loop.
+thread counts and, there, OpenMP's static split of every kernel loop. ``--before-policies 1,all,adaptive`` also
+runs its adaptive policy (``--threads adaptive``): an older controller against this one, cell beside cell.
 
 ``--phases`` also reports the median milliseconds of each phase of a step (batch making, forward, backward,
 optimizer) per cell, which shows which parallel regions stall when a thread loses its core.
@@ -62,6 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--before", default=None, metavar="PYTHON",
                         help="also measure `PYTHON -m gridinr_nerfstudio.scripts.bench.cli fit` (an older checkout's "
                         "venv) with 1 and all threads, as columns 'before 1' and 'before all'")
+    parser.add_argument("--before-policies", default="1,all",
+                        help="the --before code's policies: comma-separated 1, all, adaptive (its --threads)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the measured processes (e.g. OMP_WAIT_POLICY=PASSIVE); repeatable")
     return parser
@@ -120,14 +123,15 @@ def measure(args: argparse.Namespace, policy: str, env: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure_before(args: argparse.Namespace, threads: int, env: dict) -> dict:
-    """One cell of the code before: ``--before``'s own ``gridinr-bench fit`` of ``ours`` on `threads` threads."""
+def measure_before(args: argparse.Namespace, threads: str, env: dict) -> dict:
+    """One cell of the code before: ``--before``'s own ``gridinr-bench fit`` of ``ours`` with ``--threads threads``
+    (a count, or ``adaptive``)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "fit.json"
         command = [args.before, "-m", "gridinr_nerfstudio.scripts.bench.cli", "fit", "--contenders", "ours",
-                   "--device", "cpu", "--threads", str(threads), "--seconds", f"{args.seconds:g}", "--json", str(output)]
+                   "--device", "cpu", "--threads", threads, "--seconds", f"{args.seconds:g}", "--json", str(output)]
         if args.data is not None:
             command += ["--data", str(args.data)]
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
@@ -154,7 +158,13 @@ def run(args: argparse.Namespace) -> dict:
         if shutil.which(args.before) is None:
             raise SystemExit(f"gridinr-bench contention: --before {args.before}: no such interpreter")
         args.before = str(Path(shutil.which(args.before)).absolute())  # the cells run in a temporary folder
-        policies += ["before:1"] + ([f"before:{cores}"] if cores > 1 else [])
+        before = {"1": "before:1", "all": f"before:{cores}", "adaptive": "before:adaptive"}
+        for name in args.before_policies.split(","):
+            if name.strip() not in before:
+                raise SystemExit(f"gridinr-bench contention: unknown --before-policies entry {name!r} "
+                                 "(known: 1, all, adaptive)")
+            if before[name.strip()] not in policies:
+                policies.append(before[name.strip()])
     print(f"volume {args.data or 'builtin-default'}; {args.seconds:g} s of steps per cell, {args.rounds} round(s); "
           f"{cores} threads = all; prefetch {args.prefetch}; extra environment {args.env or 'none'}", flush=True)
     rows: dict[str, dict] = {}
@@ -165,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
             for _ in range(args.rounds):
                 for policy in policies:
                     if policy.startswith("before:"):
-                        samples[policy].append(measure_before(args, int(policy.split(":")[1]), env))
+                        samples[policy].append(measure_before(args, policy.split(":")[1], env))
                     else:
                         samples[policy].append(measure(args, policy, env))
         rows[label] = {}
@@ -197,7 +207,7 @@ def paired_ratios(samples: dict[str, list[dict]]) -> dict[str, dict]:
 
 def policy_label(policy: str) -> str:
     if policy.startswith("before:"):
-        return "before 1" if policy == "before:1" else "before all"
+        return {"before:1": "before 1", "before:adaptive": "before adaptive"}.get(policy, "before all")
     return {"1": "1 thread", "all": "all threads", "kernels": "kernels on all", "adaptive": "adaptive"}.get(
         policy, f"torch:kernels {policy}")
 
