@@ -4,11 +4,11 @@ Why: on a CPU shared with other work, a parallel region is as slow as its slowes
 cores, one busy process elsewhere takes a core from one of ours, and every OpenMP region (our kernels and each of
 torch's ops, about a hundred per training step) then waits at its end for that thread's next time slice, while the
 waiting thread spins on its core. Measured on 2 cores (`gridinr-bench contention`, docs/cpu_profiles.md): two
-threads train 1.7x faster than one on an idle machine and up to 3x slower with one `yes` running beside them. No
-fixed count is right for both, and a program cannot know what else will run, so `ThreadCountController` measures:
-now and then it runs a few steps at the other candidate counts, compares points (work) per second with the
-count in use, keeps the faster one and probes less often while its choice holds (the period doubles, up to
-`max_period` steps; a sudden slowdown of the count in use re-probes at once).
+threads train 1.5x faster than one on an idle machine and up to 10x slower with one `yes` running beside them. No
+fixed setting is right for both, and a program cannot know what else will run, so `ThreadLadderController`
+measures: now and then it runs a few steps at the neighbouring settings, alternated with steps at the setting in
+use, compares points (work) per second, keeps the faster one and probes less often while its choice holds (the
+period doubles, up to `max_period` steps; a sudden slowdown or speed-up of the setting in use re-probes at once).
 
 Results do not depend on the count beyond float rounding: our hash-grid kernels give bit-identical results for
 any thread count (each thread owns whole levels of the table gradient; forward, position gradient and Adam are
@@ -107,34 +107,44 @@ def thread_ladder(max_threads: int) -> list[ThreadSetting]:
 
 
 class ThreadLadderController:
-    """Picks, step after step, the setting on a ladder (least to most parallel) that did the most work per second
-    recently; tried by measuring its neighbours now and then (see the module doc).
+    """Picks, step after step, the setting on a ladder (least to most parallel) that does the most work per second;
+    tried by measuring its neighbours now and then (see the module doc).
 
     Call `option()` for the index of the setting the next step should use, then `record(seconds, work)` once it
-    is done. The setting in use is judged by the median of its last `probe_steps` steps. A measurement round
-    probes the next setting down (`settle_steps` unrecorded steps, then `probe_steps` recorded ones), then the
-    next one up, but only from the bottom or when the setting in use beat the one below it by `escalate` (more
-    threads pay only while each step up pays; on a busy machine this spares the costly top setting). A probe ends
-    early once one of its steps runs at less than `abort` of the current rate. The best setting must beat the one
-    in use by `margin` to replace it. The next round starts `period` steps later: `first_period` after a change,
-    doubled each time the choice holds, at most `max_period`; at once when the median of the last steps falls
-    below (1 - `drop`) of the rate the setting won with (a co-runner appeared).
+    is done. A measurement round probes the next setting down, then the next one up, but the one up only from the
+    bottom or when the setting in use beat the one below by `escalate` (more threads pay only while each step up
+    pays; on a busy machine this spares the costly top setting). A probe runs `settle_steps` unrecorded steps on
+    the candidate, then `probe_steps` steps on the candidate alternating with as many on the setting in use, and
+    takes the median of the rates of each candidate step over the step after it: paired, because on a shared
+    machine the speed of every setting drifts by 10-20% over seconds (a co-runner's phases, which core it shares),
+    as much as the settings differ, and steps taken back to back see the same drift. A candidate with more threads
+    replaces the setting in use when it is faster by `margin`, one with fewer threads unless it is slower by
+    `margin`: ties go to fewer threads, as fast for us and a core left to the other process (beside a busy process
+    one thread and the middle setting train at the same speed). A probe ends early once a candidate step runs at
+    less than `abort` of the current rate; that candidate then sits out the next round, the next `max_skip` after
+    another such probe (beside a busy process one step on the top setting costs ~10 of the others).
+
+    The next round starts `period` steps later: `first_period` after a change, doubled each time the choice
+    holds, at most `max_period`; at once when the median of the last `probe_steps` steps at the setting in use
+    falls below (1 - `drop`) of its rate at the last round (a co-runner appeared) or, while a candidate sits out,
+    rises above (1 + `drop`) of it (one left: the skipped candidates are tried again).
 
     It starts (`start` None) on the second setting of the ladder, not the top: beside a busy process a step on the
     top setting (torch's ops on all threads) costs ~10x one on the others (`gridinr-bench contention`), so the
     steps run there before the first measurement cost more than all later probes; on an idle machine the second
-    setting is the nearer to the top, and the first round (from the third step) moves up. `escalate` (1.12) lies
+    setting is the nearer to the top, and the first round (from the fourth step) moves up. `escalate` (1.12) lies
     between what the middle setting gains over one thread idle (1.33x measured on 2 cores) and beside a busy
-    process (1.0x), with room for the noise of a 3-step median.
+    process (1.0x).
     """
 
     def __init__(self, size: int, start: int | None = None, probe_steps: int = 3, settle_steps: int = 1,
                  first_period: int = 20, max_period: int = 640, margin: float = 0.05, escalate: float = 1.12,
-                 abort: float = 0.5, drop: float = 0.3):
+                 abort: float = 0.5, drop: float = 0.3, max_skip: int = 2):
         if size < 1:
             raise ValueError(f"need at least one setting, got {size}")
-        if probe_steps < 1 or settle_steps < 0 or first_period < 1 or max_period < first_period:
-            raise ValueError("need probe_steps >= 1, settle_steps >= 0 and 1 <= first_period <= max_period")
+        if probe_steps < 1 or settle_steps < 0 or first_period < 1 or max_period < first_period or max_skip < 0:
+            raise ValueError("need probe_steps >= 1, settle_steps >= 0, 1 <= first_period <= max_period and "
+                             "max_skip >= 0")
         self.size = size
         self.current = min(1, size - 1) if start is None else int(start)
         if not 0 <= self.current < size:
@@ -142,26 +152,36 @@ class ThreadLadderController:
         self.probe_steps, self.settle_steps = probe_steps, settle_steps
         self.first_period, self.max_period = first_period, max_period
         self.margin, self.escalate, self.abort, self.drop = margin, escalate, abort, drop
+        self.max_skip = max_skip
         self.period = first_period
         self.recent: deque[float] = deque(maxlen=probe_steps)
         """Rates (work per second) of the last steps at `current`."""
         self.reference_rate: float | None = None
-        """The rate `current` had when it was last chosen (None before the first round)."""
+        """The rate `current` had at the last round (None before the first round)."""
         self.steps_until_round = 0  # the first round starts as soon as `current` has its rate
-        self._probing: int | None = None  # the setting being measured, if a round is on
-        self._settle_left = 0
-        self._round_rates: dict[int, float] = {}
+        self._probing: int | None = None  # the candidate being measured, if a round is on
+        self._schedule: list[bool] = []  # the probe's remaining steps: True on the candidate, False on `current`
+        self._candidate_rates: list[float] = []
+        self._current_rates: list[float] = []
+        self._round_ratios: dict[int, float] = {}  # candidate -> its rate over current's, paired
+        self._round_rates: dict[int, float] = {}  # candidate -> its rate
+        self._skip_rounds = [0] * size  # rounds each candidate sits out (after an aborted probe)
+        self._skip_next = [0] * size  # the rounds it sits out after its next aborted probe
         self.steps_at = [0] * size
         """Steps run at each setting (what logs and the bench report)."""
         self.rounds = 0
         self.switches = 0
+        self.aborted = 0
+        """Probes ended early on a clearly slower candidate."""
 
     def option(self) -> int:
         """Index of the setting of the next step."""
         if self._probing is None and self.size > 1 and self.steps_until_round <= 0 and len(self.recent) == self.recent.maxlen:
-            self._round_rates = {self.current: statistics.median(self.recent)}
-            self._start_probe(self.current - 1 if self.current > 0 else self.current + 1)
-        return self.current if self._probing is None else self._probing
+            self._round_ratios, self._round_rates = {}, {}
+            self._next_probe(self.current - 1 if self.current > 0 else self.current + 1)
+        if self._probing is None:
+            return self.current
+        return self._probing if self._schedule[0] else self.current
 
     def record(self, seconds: float, work: float = 1.0) -> None:
         """The step just run at `option()` took `seconds` for `work` units (points, rays; 1 for equal steps)."""
@@ -169,54 +189,84 @@ class ThreadLadderController:
         self.steps_at[index] += 1
         rate = work / max(seconds, 1e-12)
         if self._probing is None:
-            self.recent.append(rate)
-            self.steps_until_round -= 1
-            if (self.reference_rate is not None and len(self.recent) == self.recent.maxlen
-                    and statistics.median(self.recent) < (1.0 - self.drop) * self.reference_rate):
-                self.steps_until_round = 0  # slowed down: measure the neighbours now
+            self._record_current(rate)
+            if self.reference_rate is not None and len(self.recent) == self.recent.maxlen:
+                median = statistics.median(self.recent)
+                if median < (1.0 - self.drop) * self.reference_rate:
+                    self.steps_until_round = 0  # slowed down: a co-runner came, measure the neighbours now
+                elif median > (1.0 + self.drop) * self.reference_rate and any(self._skip_rounds):
+                    self.steps_until_round = 0  # sped up: one left, so the skipped candidates may pay again
+                    self._skip_rounds = [0] * self.size
+                    self._skip_next = [0] * self.size
             return
-        if rate < self.abort * self._round_rates[self.current]:  # clearly worse: no need to finish measuring it
-            self._probe_rates = [rate]
-            self._end_probe()
-        elif self._settle_left > 0:
-            self._settle_left -= 1
-        else:
-            self._probe_rates.append(rate)
-            if len(self._probe_rates) == self.probe_steps:
-                self._end_probe()
+        on_candidate = self._schedule.pop(0)
+        settling = on_candidate and len(self._schedule) >= 2 * self.probe_steps  # the probe's first steps
+        if on_candidate and rate < self.abort * statistics.median(self.recent):  # clearly worse: stop measuring it
+            self._candidate_rates, self._current_rates = [rate], [statistics.median(self.recent)]
+            self._end_probe(aborted=True)
+            return
+        if on_candidate and not settling:
+            self._candidate_rates.append(rate)
+        elif not on_candidate:
+            self._current_rates.append(rate)
+            self._record_current(rate)
+        if not self._schedule:
+            self._end_probe(aborted=False)
 
-    def _start_probe(self, index: int) -> None:
-        self._probing, self._settle_left, self._probe_rates = index, self.settle_steps, []
+    def _record_current(self, rate: float) -> None:
+        self.recent.append(rate)
+        self.steps_until_round -= 1
 
-    def _end_probe(self) -> None:
+    def _next_probe(self, index: int) -> None:
+        """Probe `index` unless it sits this round out (then go on with the round)."""
+        if self._skip_rounds[index] > 0:
+            self._skip_rounds[index] -= 1
+            self._round_ratios[index] = 0.0  # not a contender this round, and no reason to go further up
+            self._decide()
+            return
+        self._probing = index
+        self._schedule = [True] * self.settle_steps + [True, False] * self.probe_steps
+        self._candidate_rates, self._current_rates = [], []
+
+    def _end_probe(self, aborted: bool) -> None:
         probed = self._probing
-        self._round_rates[probed] = statistics.median(self._probe_rates)
-        self._probing = None
+        self._probing, self._schedule = None, []
+        self._round_rates[probed] = statistics.median(self._candidate_rates)
+        pairs = zip(self._candidate_rates, self._current_rates)  # each candidate step and the step after it
+        self._round_ratios[probed] = statistics.median(candidate / current for candidate, current in pairs)
+        if aborted:
+            self.aborted += 1
+            self._skip_next[probed] = min(max(1, 2 * self._skip_next[probed]), self.max_skip)
+            self._skip_rounds[probed] = self._skip_next[probed]
+        else:
+            self._skip_next[probed] = 0
         upper = self.current + 1
-        rates = self._round_rates
-        if probed < self.current and upper < self.size and rates[self.current] >= self.escalate * rates[probed]:
-            self._start_probe(upper)  # the step up to the current setting paid: try one more
+        if probed < self.current and upper < self.size and self._round_ratios[probed] * self.escalate <= 1.0:
+            self._next_probe(upper)  # the step up to the current setting paid: try one more
             return
         self._decide()
 
     def _decide(self) -> None:
         self.rounds += 1
-        rates = self._round_rates
-        best = max(rates, key=lambda index: rates[index])
-        if rates[best] > rates[self.current] * (1.0 + self.margin):
+        # fewer threads win ties: a candidate below must not be slower by `margin`, one above must be faster by it
+        scores = {index: ratio * (1.0 + self.margin) ** (1 if index < self.current else -1)
+                  for index, ratio in self._round_ratios.items()}
+        best = max(scores, key=lambda index: scores[index])
+        if scores[best] > 1.0:
             self.current = best
             self.switches += 1
             self.period = self.first_period
             self.recent.clear()  # judged afresh at the new setting
+            self.reference_rate = self._round_rates[best]
         else:
             self.period = min(2 * self.period, self.max_period)
-        self.reference_rate = rates[self.current]
+            self.reference_rate = statistics.median(self.recent)
         self.steps_until_round = self.period
 
     def summary(self) -> dict:
-        """Steps per setting, measurement rounds and switches (for logs and benchmarks)."""
+        """Steps per setting, measurement rounds, switches and aborted probes (for logs and benchmarks)."""
         return {"current": self.current, "steps_at": list(self.steps_at), "rounds": self.rounds,
-                "switches": self.switches}
+                "switches": self.switches, "aborted": self.aborted}
 
 
 class AdaptiveThreads:
@@ -264,10 +314,10 @@ class AdaptiveThreads:
         self.controller.record(self.clock() - started, work)
 
     def summary(self) -> dict:
-        """Steps per setting (by name), rounds and switches."""
+        """Steps per setting (by name), rounds, switches and aborted probes."""
         info = self.controller.summary()
         return {"current": str(self.setting), "rounds": info["rounds"], "switches": info["switches"],
-                "steps_at": {str(s): n for s, n in zip(self.settings, info["steps_at"])}}
+                "aborted": info["aborted"], "steps_at": {str(s): n for s, n in zip(self.settings, info["steps_at"])}}
 
 
 def current_setting() -> ThreadSetting:
