@@ -119,8 +119,9 @@ class ThreadLadderController:
     machine the speed of every setting drifts by 10-20% over seconds (a co-runner's phases, which core it shares),
     as much as the settings differ, and steps taken back to back see the same drift. A candidate with more threads
     replaces the setting in use when it is faster by `margin`, one with fewer threads unless it is slower by
-    `margin`: ties go to fewer threads, as fast for us and a core left to the other process (beside a busy process
-    one thread and the middle setting train at the same speed). A probe ends early once a candidate step runs at
+    `fewer_slack`: ties go to fewer threads, as fast for us and a core left to the other process (beside a busy
+    process one thread and the middle setting train at the same speed). The slack is small because idle the top
+    setting beats the middle one by only 10-15% on 2 cores, and every wrong step down costs that. A probe ends early once a candidate step runs at
     less than `abort` of the current rate; that candidate then sits out the next round, the next `max_skip` after
     another such probe (beside a busy process one step on the top setting costs ~10 of the others).
 
@@ -139,7 +140,7 @@ class ThreadLadderController:
 
     def __init__(self, size: int, start: int | None = None, probe_steps: int = 3, settle_steps: int = 1,
                  first_period: int = 20, max_period: int = 640, margin: float = 0.05, escalate: float = 1.12,
-                 abort: float = 0.5, drop: float = 0.3, max_skip: int = 2):
+                 abort: float = 0.5, drop: float = 0.3, max_skip: int = 2, fewer_slack: float = 0.02):
         if size < 1:
             raise ValueError(f"need at least one setting, got {size}")
         if probe_steps < 1 or settle_steps < 0 or first_period < 1 or max_period < first_period or max_skip < 0:
@@ -152,7 +153,7 @@ class ThreadLadderController:
         self.probe_steps, self.settle_steps = probe_steps, settle_steps
         self.first_period, self.max_period = first_period, max_period
         self.margin, self.escalate, self.abort, self.drop = margin, escalate, abort, drop
-        self.max_skip = max_skip
+        self.max_skip, self.fewer_slack = max_skip, fewer_slack
         self.period = first_period
         self.recent: deque[float] = deque(maxlen=probe_steps)
         """Rates (work per second) of the last steps at `current`."""
@@ -248,11 +249,12 @@ class ThreadLadderController:
 
     def _decide(self) -> None:
         self.rounds += 1
-        # fewer threads win ties: a candidate below must not be slower by `margin`, one above must be faster by it
-        scores = {index: ratio * (1.0 + self.margin) ** (1 if index < self.current else -1)
-                  for index, ratio in self._round_ratios.items()}
-        best = max(scores, key=lambda index: scores[index])
-        if scores[best] > 1.0:
+        # a candidate below replaces the setting in use unless slower by `fewer_slack` (ties go to fewer threads),
+        # one above when faster by `margin`
+        gains = {index: ratio * (1.0 + self.fewer_slack) if index < self.current else ratio / (1.0 + self.margin)
+                 for index, ratio in self._round_ratios.items()}
+        best = max(gains, key=lambda index: (gains[index], -index))
+        if gains[best] >= 1.0:
             self.current = best
             self.switches += 1
             self.period = self.first_period
