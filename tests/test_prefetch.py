@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -219,3 +220,54 @@ def test_datamanager_choice(small_volume, tmp_path):
     prefetching.set_sampler_state(plain.get_sampler_state())
     torch.testing.assert_close(prefetching.values_at(points), plain.values_at(points))
     prefetching.sampler.close()
+
+
+class _CountingSampler:
+    """Records torch's thread count of the thread that makes each batch."""
+
+    def __init__(self):
+        self.counts: list[int] = []
+
+    def batch(self, count: int, step: int):
+        torch.ones(4).sum()  # a parallel op: a new thread fixes its count here
+        self.counts.append(torch.get_num_threads())
+        return (torch.zeros(count),)
+
+    def batch_key(self, step: int):
+        return 0
+
+    def get_state(self):
+        return len(self.counts)
+
+    def set_state(self, state) -> None:
+        pass
+
+
+def test_the_prefetch_thread_follows_the_thread_policy():
+    """The batches are made on torch's count of the setting the thread policy applied last: torch's count is per OS
+    thread and fixed at a thread's first parallel op, so without this the worker kept the count it started with."""
+    from gridinr_nerfstudio import thread_policy
+    from gridinr_nerfstudio.thread_policy import ThreadSetting
+
+    before = torch.get_num_threads()
+    try:
+        thread_policy.apply_setting(ThreadSetting(1, 1))
+        sampler = _CountingSampler()
+        prefetching = PrefetchingSampler(sampler)
+
+        def step(index: int) -> None:  # hand out batch `index`, then wait until the worker made the next one
+            prefetching.batch(8, index)
+            deadline = time.monotonic() + 30
+            while len(sampler.counts) < index + 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        step(0)  # batches 0 and 1 made on one thread
+        thread_policy.apply_setting(ThreadSetting(2, 2))
+        step(1)  # batch 1 handed out; batch 2 made on two threads
+        step(2)
+        thread_policy.apply_setting(ThreadSetting(1, 2))
+        step(3)  # batch 4 on one thread again
+        prefetching.close()
+        assert sampler.counts == [1, 1, 2, 2, 1]
+    finally:
+        thread_policy.apply_setting(ThreadSetting(before, 0))

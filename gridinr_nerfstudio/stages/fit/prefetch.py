@@ -25,6 +25,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from gridinr_nerfstudio.thread_policy import follow_policy_threads
+
 _STOP = object()
 
 
@@ -59,6 +61,7 @@ def _work(sampler, staging: Optional[_Staging], requests: queue.Queue, results: 
             return
         count, step, slot = request
         try:
+            follow_policy_threads()  # the training thread's setting may have changed since the last batch
             tensors = tuple(sampler.batch(count, step))
             state = sampler.get_state()
             if staging is not None:
