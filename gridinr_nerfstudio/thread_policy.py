@@ -121,9 +121,10 @@ class ThreadLadderController:
     replaces the setting in use when it is faster by `margin`, one with fewer threads unless it is slower by
     `fewer_slack`: ties go to fewer threads, as fast for us and a core left to the other process (beside a busy
     process one thread and the middle setting train at the same speed). The slack is small because idle the top
-    setting beats the middle one by only 10-15% on 2 cores, and every wrong step down costs that. A probe ends early once a candidate step runs at
-    less than `abort` of the current rate; that candidate then sits out the next round, the next `max_skip` after
-    another such probe (beside a busy process one step on the top setting costs ~10 of the others).
+    setting beats the middle one by only 10-15% on 2 cores, and every wrong step down costs that. A probe ends
+    early once a candidate step runs at less than `abort` of the current rate; that candidate then sits out the
+    next round, the next `max_skip` after another such probe (beside a busy process one step on the top setting
+    costs ~10 of the others).
 
     The next round starts `period` steps later: `first_period` after a change, doubled each time the choice
     holds, at most `max_period`; at once when the median of the last `probe_steps` steps at the setting in use
