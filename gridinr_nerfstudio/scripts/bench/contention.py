@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
 def paired_ratios(samples: dict[str, list[dict]]) -> dict[str, dict]:
     """Adaptive's points/s over each other policy's in the same round, and their median over the rounds.
 
-    Why: the speed of one setting drifts by up to 15% from process to process on a shared machine (which core the
+    Why: the speed of one setting varies by 20-50% from process to process on a shared machine (which core the
     co-runner shares, slow phases lasting seconds); cells of one round run back to back, so their ratio cancels
     much of that drift, and the median of the per-round ratios is the figure to compare with 1.
     """
